@@ -1,0 +1,1 @@
+"""Dataset formats, sources and loaders."""

@@ -1,0 +1,116 @@
+"""Download PCAM files over HTTP(S): resumable, verified by md5, renamed into place only when good."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.repro import HASH_BLOCK, atomic_path, md5_file
+
+log = logging.getLogger(__name__)
+
+
+class DownloadError(PipelineError):
+    """A file could not be fetched or did not match its published checksum."""
+
+
+def _md5_of_prefix(path: Path) -> hashlib._Hash:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    return digest
+
+
+def fetch_resumable(url: str, partial: Path, *, attempts: int = 5, timeout: float = 60.0,
+                    progress: Callable[[int], None] | None = None) -> str:
+    """Stream `url` into `partial`, resuming from its current size; return the md5 of the whole.
+
+    A dropped connection is retried (up to `attempts` times) with an HTTP Range request from the
+    last byte received, so a multi-GB transfer survives network hiccups and an interrupted run
+    continues where it stopped.
+    """
+    for attempt in range(1, attempts + 1):
+        have = partial.stat().st_size if partial.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if have and response.status != 206:
+                    log.info("%s: server ignored the resume request, starting over", url)
+                    have = 0
+                digest = _md5_of_prefix(partial) if have else hashlib.md5()
+                with open(partial, "ab" if have else "wb") as out:
+                    while block := response.read(HASH_BLOCK):
+                        out.write(block)
+                        digest.update(block)
+                        if progress:
+                            progress(len(block))
+                expected = response.headers.get("Content-Length")
+                if expected is not None and partial.stat().st_size != have + int(expected):
+                    raise ConnectionError("connection closed before the end of the body")
+                return digest.hexdigest()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:  # asked past the end: the partial file is already whole
+                return _md5_of_prefix(partial).hexdigest()
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            if attempt == attempts:
+                raise DownloadError(
+                    f"{url}: failed after {attempts} attempts ({exc}); the partial file "
+                    f"{partial} is kept: run the same command again to resume"
+                ) from exc
+            log.warning("%s: %s; resuming (attempt %d of %d)", url, exc, attempt + 1, attempts)
+            time.sleep(min(2**attempt, 30) * 0.1)
+    raise AssertionError("unreachable")
+
+
+def gunzip_verified(source: Path, final: Path, expected_md5: str | None) -> None:
+    """Unpack `source` into `final` via a temporary name, keeping it only if its md5 matches."""
+    with atomic_path(final) as tmp:
+        with gzip.open(source, "rb") as packed, open(tmp, "wb") as out:
+            shutil.copyfileobj(packed, out, HASH_BLOCK)
+        actual = md5_file(tmp)
+        if expected_md5 is not None and actual != expected_md5:
+            raise DownloadError(
+                f"{final.name}: unpacked md5 {actual} != published {expected_md5}; nothing was "
+                f"written to {final}. Fix: delete {source} and download again"
+            )
+
+
+def download_pcam_file(base_url: str, name: str, target_dir: Path, h5_md5: str | None,
+                       gz_md5: str | None, *, attempts: int = 5) -> Path:
+    """Fetch `<base_url>/<name>.gz`, verify the .gz and the unpacked .h5, leave `<target_dir>/<name>`.
+
+    An existing file that already matches `h5_md5` is kept and nothing is downloaded.
+    """
+    target_dir.mkdir(parents=True, exist_ok=True)
+    final = target_dir / name
+    if final.exists() and h5_md5 is not None and md5_file(final) == h5_md5:
+        log.info("%s: present and verified", final)
+        return final
+    partial = target_dir / f".{name}.gz.part"
+    url = f"{base_url.rstrip('/')}/{name}.gz"
+    log.info("downloading %s", url)
+    actual = fetch_resumable(url, partial, attempts=attempts)
+    if gz_md5 is not None and actual != gz_md5:
+        partial.unlink()
+        raise DownloadError(
+            f"{url}: md5 {actual} != published {gz_md5}; the corrupt download was deleted and "
+            f"nothing was written to {final}. Fix: run the download again; if it repeats, check "
+            "fetch.zenodo_url and fetch.checksums in params.yaml"
+        )
+    try:
+        gunzip_verified(partial, final, h5_md5)
+    finally:
+        if partial.exists():
+            os.unlink(partial)
+    return final

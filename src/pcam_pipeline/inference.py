@@ -1,0 +1,56 @@
+"""Scoring patches with a model: shared by training (validation), evaluate and `pcam predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pcam_pipeline.data.loader import Split, normalise, to_device
+from pcam_pipeline.models import build_model
+from pcam_pipeline.params import TrainParams
+from pcam_pipeline.repro import load_checkpoint
+
+
+@torch.no_grad()
+def predict_batches(model: nn.Module, batches: Any, mean: torch.Tensor, std: torch.Tensor,
+                    device: torch.device, bf16: bool = False) -> np.ndarray:
+    """Sigmoid probabilities for uint8 (B,96,96,3) batches, in order."""
+    model.eval()
+    outputs = []
+    for x in batches:
+        x = x.to(device, non_blocking=True)
+        images = normalise(x, mean, std, channels_last=device.type == "cuda")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images)
+        outputs.append(torch.sigmoid(logits.float()).cpu())
+    if not outputs:
+        return np.empty(0)
+    return torch.cat(outputs).numpy().astype(np.float64)
+
+
+def predict_split(model: nn.Module, split: Split, mean: torch.Tensor, std: torch.Tensor,
+                  device: torch.device, batch_size: int, bf16: bool = False) -> np.ndarray:
+    """Probabilities for a whole split, in file order."""
+    batches = (to_device(x, y, device)[0]
+               for x, y in split.batches(torch.arange(split.length), batch_size))
+    return predict_batches(model, batches, mean, std, device, bf16)
+
+
+def model_from_checkpoint(path: Path, device: torch.device
+                          ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The model a checkpoint holds, with its normalisation statistics; needs nothing else."""
+    checkpoint = load_checkpoint(path)
+    train_params = TrainParams.model_validate(checkpoint["params"]["train"])
+    model = build_model(train_params)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    stats = checkpoint["normalisation"]
+    mean = torch.tensor(stats["mean"], device=device)
+    std = torch.tensor(stats["std"], device=device)
+    return model, mean, std, checkpoint

@@ -1,0 +1,215 @@
+"""Typed view of params.yaml: the only module that reads it.
+
+Each stage gets its own frozen section. Unknown keys and bad values are rejected with the key's
+dotted path, what was found, and what is allowed, so a typo in params.yaml (or in
+`dvc exp run -S ...`) fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pcam_pipeline.paths import PARAMS_FILE
+
+SYNTHETIC_INPUT = "src/pcam_pipeline/data/synthetic.py"
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or holds a bad key or value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitSizes(_Section):
+    train: int = Field(gt=0)
+    valid: int = Field(gt=0)
+    test: int = Field(gt=0)
+
+
+class FetchParams(_Section):
+    source: Literal["synthetic", "zenodo", "path"]
+    # The path the stage reads, declared as its DVC dependency so dvc.lock hashes it: the generator
+    # module for `synthetic`, data/raw (filled by `pcam download`) for `zenodo`, the shared copy
+    # for `path`.
+    input: str
+    seed: int
+    sizes: SplitSizes
+    positive_fraction: float = Field(gt=0, lt=1)
+    zenodo_url: str
+    checksums: str | None = None  # md5sum-format file replacing the published checksums
+    link: Literal["hardlink", "copy"]
+
+    @model_validator(mode="after")
+    def _input_matches_source(self) -> FetchParams:
+        if self.source == "synthetic" and self.input != SYNTHETIC_INPUT:
+            raise ValueError(
+                f"with source 'synthetic', input must be '{SYNTHETIC_INPUT}' (the generator), "
+                f"got '{self.input}'"
+            )
+        if self.source != "synthetic" and self.input == SYNTHETIC_INPUT:
+            raise ValueError(
+                f"with source '{self.source}', input must be the directory holding the PCAM files "
+                "(data/raw after `pcam download`, or the cluster's shared copy)"
+            )
+        return self
+
+
+class ValidateParams(_Section):
+    black_level: int = Field(ge=0, le=255)
+    white_level: int = Field(ge=0, le=255)
+    max_blank_fraction: float = Field(ge=0, le=1)
+    max_class_imbalance: float = Field(ge=0, le=0.5)
+    max_duplicate_fraction: float = Field(ge=0, le=1)
+    fail_on_leakage: bool
+    allow_unsafe_dtype: bool
+    block_patches: int = Field(gt=0)
+
+
+class PreprocessParams(_Section):
+    drop_blank: bool
+    chunk_patches: int = Field(gt=0)
+    compression: Literal["none", "lzf", "gzip"]
+    block_patches: int = Field(gt=0)
+
+
+class LoaderParams(_Section):
+    in_memory: bool
+    max_memory_fraction: float = Field(gt=0, le=1)
+    block_patches: int = Field(gt=0)
+    num_workers: int = Field(ge=0)  # streaming only: processes reading blocks ahead
+
+
+class CnnParams(_Section):
+    channels: list[int] = Field(min_length=1)
+    dropout: float = Field(ge=0, lt=1)
+
+
+class MlpParams(_Section):
+    hidden_sizes: list[int] = Field(min_length=1)
+    dropout: float = Field(ge=0, lt=1)
+
+
+class AugmentParams(_Section):
+    flip: bool
+    rot90: bool
+
+
+class TrainParams(_Section):
+    model: Literal["cnn", "mlp"]
+    cnn: CnnParams
+    mlp: MlpParams
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    optimizer: Literal["adamw", "sgd"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    momentum: float = Field(ge=0, lt=1)
+    schedule: Literal["constant", "cosine", "step", "onecycle", "plateau"]
+    warmup_epochs: int = Field(ge=0)
+    step_size: int = Field(gt=0)
+    gamma: float = Field(gt=0, le=1)
+    grad_clip: float = Field(ge=0)  # 0 turns clipping off
+    balanced_sampler: bool
+    augment: AugmentParams
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    bf16: bool  # bf16 autocast, CUDA only
+    select_metric: Literal["val_auroc", "val_loss", "val_accuracy"]
+
+
+class EvaluateParams(_Section):
+    threshold_rule: Literal["youden", "f1", "fixed"]
+    fixed_threshold: float = Field(gt=0, lt=1)
+    n_slices: int = Field(ge=2)
+    calibration_bins: int = Field(ge=2)
+    n_error_examples: int = Field(ge=0)
+    batch_size: int = Field(gt=0)
+
+
+class BenchmarkParams(_Section):
+    batch_sizes: list[int] = Field(min_length=1)
+    devices: list[Literal["cpu", "cuda"]] = Field(min_length=1)
+    precisions: list[Literal["fp32", "bf16"]] = Field(min_length=1)
+    warmup_iters: int = Field(ge=0)
+    timed_iters: int = Field(gt=0)
+    latency_iters: int = Field(gt=1)
+    loader_patches: int = Field(gt=0)
+    baseline_patches: int = Field(gt=0)
+    full: bool
+    full_patches: int = Field(gt=0)
+    full_dir: str
+
+
+class Params(_Section):
+    fetch: FetchParams
+    validate_: ValidateParams = Field(alias="validate")
+    preprocess: PreprocessParams
+    loader: LoaderParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    benchmark: BenchmarkParams
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    location = ".".join(str(part) for part in error["loc"] if part != "__root__")
+    location = location.replace("validate_", "validate")
+    if error["type"] == "extra_forbidden":
+        parent_loc, key = error["loc"][:-1], error["loc"][-1]
+        allowed = _allowed_keys(model, parent_loc)
+        return f"{location}: unknown key '{key}'; allowed keys here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{location}: required key is missing"
+    found = error.get("input")
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "model_attributes_type" or isinstance(found, dict):
+        return f"{location or '<top level>'}: {message}"
+    return f"{location}: {message} (found {found!r})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        fields = {f.alias or name: f for name, f in current.model_fields.items()}
+        field = fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        current = field.annotation
+    return [f.alias or name for name, f in current.model_fields.items()]
+
+
+def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
+    """Validate an already-loaded params mapping; raise ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, found {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  {_describe(err, Params)}" for err in exc.errors()]
+        raise ParamsError(f"{source} is not valid:\n" + "\n".join(lines)) from None
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(
+            f"{path}: not found; run from the repository root (where dvc.yaml is)"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,28 @@
+"""Every file the pipeline writes, named once; dvc.yaml names the same paths (a test checks)."""
+
+from pathlib import Path
+
+PARAMS_FILE = Path("params.yaml")
+
+RAW_DIR = Path("data/raw")  # official PCAM files from `pcam download`, pinned by data.dvc
+PCAM_DIR = Path("data/pcam")  # fetch: PCAM-format HDF5, whatever the source
+PROCESSED_DIR = Path("data/processed")  # preprocess: training-ready splits + stats
+
+VALIDATE_REPORT = Path("reports/validate.json")
+PREPROCESS_REPORT = Path("reports/preprocess.json")
+
+MODELS_DIR = Path("models")
+BEST_CHECKPOINT = MODELS_DIR / "best.pt"
+LAST_CHECKPOINT = MODELS_DIR / "last.pt"
+TRAIN_LIVE_DIR = Path("dvclive/train")
+
+METRICS_FILE = Path("reports/metrics.json")
+EVALUATE_DIR = Path("reports/evaluate")
+SLICES_FILE = EVALUATE_DIR / "slices.json"
+ERRORS_IMAGE = EVALUATE_DIR / "confident_errors.png"
+
+BENCHMARK_FILE = Path("reports/benchmark.json")
+BENCHMARK_DIR = Path("reports/benchmark")
+
+# Train and evaluate read the processed data from here when set (node-local staging on Slurm).
+TRAIN_DATA_DIR_ENV = "PCAM_TRAIN_DATA_DIR"

@@ -1,0 +1,1 @@
+"""One module per pipeline stage, each with a `main(params)` the CLI calls."""

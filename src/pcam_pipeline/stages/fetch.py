@@ -1,0 +1,91 @@
+"""fetch: write the PCAM-format HDF5 files of every split into data/pcam, from the chosen source."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pcam_pipeline.data.download import download_pcam_file
+from pcam_pipeline.data.hdf5 import write_pcam_split
+from pcam_pipeline.data.pcam import SPLITS, all_file_names, checksums_from
+from pcam_pipeline.data.synthetic import generate_split
+from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.params import FetchParams, Params
+from pcam_pipeline.paths import PCAM_DIR, RAW_DIR
+from pcam_pipeline.repro import atomic_path, md5_file
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(PipelineError):
+    """The configured source does not hold the expected, verified PCAM files."""
+
+
+def write_synthetic(params: FetchParams, out_dir: Path) -> None:
+    for split in SPLITS:
+        size = getattr(params.sizes, split)
+        x, y = generate_split(params.seed, split, size, params.positive_fraction)
+        write_pcam_split(out_dir, split, x, y)
+        log.info("synthetic %s: %d patches, %d positive", split, size, int(y.sum()))
+
+
+def verify_source_dir(source_dir: Path, h5_md5: dict[str, str]) -> list[Path]:
+    """The six PCAM files in `source_dir`, each checked against its md5; raise naming every problem."""
+    if not source_dir.is_dir():
+        raise SourceError(
+            f"fetch.input: {source_dir} is not a directory. Fix: point fetch.input in params.yaml "
+            "at the directory holding the camelyonpatch_level_2_split_*.h5 files "
+            "(or run `pcam download` to fill data/raw)"
+        )
+    problems, files = [], []
+    for name in all_file_names():
+        path = source_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif name in h5_md5 and (actual := md5_file(path)) != h5_md5[name]:
+            problems.append(f"{path}: md5 {actual} != expected {h5_md5[name]}")
+        files.append(path)
+    if problems:
+        raise SourceError(
+            "fetch: the source directory does not hold the expected PCAM files:\n  "
+            + "\n  ".join(problems)
+            + "\nFix: re-download with `pcam download` (or re-copy the shared files); for files "
+            "that are not the official release, give their md5s with fetch.checksums"
+        )
+    return files
+
+
+def place(source: Path, target: Path, link: str) -> None:
+    """Hard-link (same file system) or copy `source` to `target`, atomically."""
+    with atomic_path(target) as tmp:
+        if link == "hardlink":
+            try:
+                os.link(source, tmp)
+                return
+            except OSError as exc:
+                log.info("cannot hard-link %s (%s); copying", source, exc)
+        shutil.copyfile(source, tmp)
+
+
+def download(params: FetchParams, target_dir: Path = RAW_DIR) -> list[Path]:
+    """`pcam download`: the official files (or fetch.zenodo_url's) into data/raw, verified."""
+    h5_md5, gz_md5 = checksums_from(params.checksums)
+    return [
+        download_pcam_file(params.zenodo_url, name, target_dir, h5_md5.get(name),
+                           gz_md5.get(f"{name}.gz"))
+        for name in all_file_names()
+    ]
+
+
+def main(params: Params) -> None:
+    fetch = params.fetch
+    PCAM_DIR.mkdir(parents=True, exist_ok=True)
+    if fetch.source == "synthetic":
+        write_synthetic(fetch, PCAM_DIR)
+        return
+    h5_md5, _ = checksums_from(fetch.checksums)
+    for source in verify_source_dir(Path(fetch.input), h5_md5):
+        place(source, PCAM_DIR / source.name, fetch.link)
+    log.info("fetch: %d files from %s (%s)", len(all_file_names()), fetch.input, fetch.source)
