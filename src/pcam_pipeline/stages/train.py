@@ -239,7 +239,7 @@ class Trainer:
 
             n = len(y)
             sums = progress.sums
-            sums["loss"] += float(loss) * n
+            sums["loss"] += loss.item() * n
             sums["correct"] += float(((logits.detach() > 0) == y.bool()).sum())
             sums["seen"] += n
             sums["grad_norm"] += float(grad_norm)
