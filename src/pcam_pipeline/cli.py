@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage (as dvc repro does)")
     download = commands.add_parser(
-        "download", help="download the official PCAM files into data/raw (resumable, verified)")
+        "download", help="download the official PCAM files into data/raw (resumable, verified)"
+    )
     download.add_argument("--dir", type=Path, default=RAW_DIR, help="target directory")
     predict = commands.add_parser("predict", help="score patches with a checkpoint")
     predict.add_argument("checkpoint", type=Path)
@@ -37,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.command == "predict":
             from pcam_pipeline import predict

@@ -1,4 +1,4 @@
-"""Download PCAM files over HTTP(S): resumable, verified by md5, renamed into place only when good."""
+"""Download PCAM files over HTTP(S): resumable, md5-verified, renamed into place when good."""
 
 from __future__ import annotations
 
@@ -31,8 +31,14 @@ def _md5_of_prefix(path: Path) -> hashlib._Hash:
     return digest
 
 
-def fetch_resumable(url: str, partial: Path, *, attempts: int = 5, timeout: float = 60.0,
-                    progress: Callable[[int], None] | None = None) -> str:
+def fetch_resumable(
+    url: str,
+    partial: Path,
+    *,
+    attempts: int = 5,
+    timeout: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> str:
     """Stream `url` into `partial`, resuming from its current size; return the md5 of the whole.
 
     A dropped connection is retried (up to `attempts` times) with an HTTP Range request from the
@@ -86,9 +92,16 @@ def gunzip_verified(source: Path, final: Path, expected_md5: str | None) -> None
             )
 
 
-def download_pcam_file(base_url: str, name: str, target_dir: Path, h5_md5: str | None,
-                       gz_md5: str | None, *, attempts: int = 5) -> Path:
-    """Fetch `<base_url>/<name>.gz`, verify the .gz and the unpacked .h5, leave `<target_dir>/<name>`.
+def download_pcam_file(
+    base_url: str,
+    name: str,
+    target_dir: Path,
+    h5_md5: str | None,
+    gz_md5: str | None,
+    *,
+    attempts: int = 5,
+) -> Path:
+    """Fetch `<base_url>/<name>.gz`, verify it and the unpacked .h5, leave `<target_dir>/<name>`.
 
     An existing file that already matches `h5_md5` is kept and nothing is downloaded.
     """

@@ -26,8 +26,13 @@ _HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
 _EOSIN = np.array([0.07, 0.99, 0.11])
 
 
-def _nuclei(rng: np.random.Generator, n: int, density: float, radius: float,
-            region: tuple[slice, slice] | None = None) -> np.ndarray:
+def _nuclei(
+    rng: np.random.Generator,
+    n: int,
+    density: float,
+    radius: float,
+    region: tuple[slice, slice] | None = None,
+) -> np.ndarray:
     """Blob map (n,96,96) in [0,1]: random seeds blurred into round nuclei of about `radius`."""
     seeds = (rng.random((n, SIZE, SIZE)) < density).astype(np.float32)
     if region is not None:
@@ -72,9 +77,10 @@ def _render_block(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def generate_split(seed: int, split: str, size: int, positive_fraction: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Patches (size,96,96,3) uint8 and labels (size,) uint8 for one split; same seed, same bytes."""
+def generate_split(
+    seed: int, split: str, size: int, positive_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patches (size,96,96,3) uint8 and labels (size,) uint8 of a split; same seed, same bytes."""
     split_key = SPLITS.index(split)
     label_rng = np.random.default_rng([seed, split_key])
     labels = np.zeros(size, dtype=np.uint8)

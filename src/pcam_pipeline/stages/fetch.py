@@ -32,7 +32,7 @@ def write_synthetic(params: FetchParams, out_dir: Path) -> None:
 
 
 def verify_source_dir(source_dir: Path, h5_md5: dict[str, str]) -> list[Path]:
-    """The six PCAM files in `source_dir`, each checked against its md5; raise naming every problem."""
+    """The six PCAM files in `source_dir`, md5-checked; raise naming every problem."""
     if not source_dir.is_dir():
         raise SourceError(
             f"fetch.input: {source_dir} is not a directory. Fix: point fetch.input in params.yaml "
@@ -73,8 +73,9 @@ def download(params: FetchParams, target_dir: Path = RAW_DIR) -> list[Path]:
     """`pcam download`: the official files (or fetch.zenodo_url's) into data/raw, verified."""
     h5_md5, gz_md5 = checksums_from(params.checksums)
     return [
-        download_pcam_file(params.zenodo_url, name, target_dir, h5_md5.get(name),
-                           gz_md5.get(f"{name}.gz"))
+        download_pcam_file(
+            params.zenodo_url, name, target_dir, h5_md5.get(name), gz_md5.get(f"{name}.gz")
+        )
         for name in all_file_names()
     ]
 

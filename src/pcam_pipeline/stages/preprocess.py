@@ -53,14 +53,28 @@ class ChannelStats:
         return {"mean": (mean / 255).tolist(), "std": (std / 255).tolist()}
 
 
-def process_split(source_dir: Path, split: str, target: Path, params: PreprocessParams,
-                  blank_levels: ValidateParams, stats: ChannelStats | None) -> dict[str, Any]:
+def process_split(
+    source_dir: Path,
+    split: str,
+    target: Path,
+    params: PreprocessParams,
+    blank_levels: ValidateParams,
+    stats: ChannelStats | None,
+) -> dict[str, Any]:
     x_path, y_path = split_files(source_dir, split)
     layout = ProcessedLayout(params.chunk_patches, params.compression)
-    record: dict[str, Any] = {"source": str(x_path), "cast_from": None, "clipped": 0,
-                              "blank_removed": 0, "blank_indices": []}
-    with (h5py.File(x_path, "r") as fx, h5py.File(y_path, "r") as fy,
-          ProcessedWriter(target, layout) as writer):
+    record: dict[str, Any] = {
+        "source": str(x_path),
+        "cast_from": None,
+        "clipped": 0,
+        "blank_removed": 0,
+        "blank_indices": [],
+    }
+    with (
+        h5py.File(x_path, "r") as fx,
+        h5py.File(y_path, "r") as fy,
+        ProcessedWriter(target, layout) as writer,
+    ):
         x, y = fx["x"], fy["y"]
         labels = y[...].reshape(len(y)).astype(np.uint8)
         if x.dtype != np.uint8:
@@ -69,8 +83,9 @@ def process_split(source_dir: Path, split: str, target: Path, params: Preprocess
             raw = x[part]
             block = to_uint8(raw)
             if raw.dtype != np.uint8:
-                record["clipped"] += int(((raw < 0) | (raw > 255)).reshape(len(raw), -1)
-                                         .any(axis=1).sum())
+                record["clipped"] += int(
+                    ((raw < 0) | (raw > 255)).reshape(len(raw), -1).any(axis=1).sum()
+                )
             keep = np.ones(len(block), dtype=bool)
             if params.drop_blank:
                 blank = blank_mask(block, blank_levels.black_level, blank_levels.white_level)
@@ -91,11 +106,17 @@ def main(params: Params) -> None:
     report = {}
     for split in SPLITS:
         report[split] = process_split(
-            PCAM_DIR, split, PROCESSED_DIR / f"{split}.h5", params.preprocess, params.validate_,
+            PCAM_DIR,
+            split,
+            PROCESSED_DIR / f"{split}.h5",
+            params.preprocess,
+            params.validate_,
             stats if split == "train" else None,
         )
-        log.info("preprocess %s: %d -> %d patches", split, report[split]["n_in"],
-                 report[split]["n_out"])
-    write_json(PROCESSED_DIR / STATS_FILE, {"from": "train", "pixels": stats.count,
-                                           **stats.result()})
+        log.info(
+            "preprocess %s: %d -> %d patches", split, report[split]["n_in"], report[split]["n_out"]
+        )
+    write_json(
+        PROCESSED_DIR / STATS_FILE, {"from": "train", "pixels": stats.count, **stats.result()}
+    )
     write_json(PREPROCESS_REPORT, report)

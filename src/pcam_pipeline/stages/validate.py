@@ -47,8 +47,10 @@ class Problem:
     def line(self) -> str:
         where = f" index {self.indices[0]}" if self.indices else ""
         more = f" (+{len(self.indices) - 1} more)" if len(self.indices) > 1 else ""
-        return (f"{self.severity.upper()} {self.file} [{self.split}]{where}{more}: "
-                f"{self.message}. Fix: {self.fix}")
+        return (
+            f"{self.severity.upper()} {self.file} [{self.split}]{where}{more}: "
+            f"{self.message}. Fix: {self.fix}"
+        )
 
 
 def blank_mask(x: np.ndarray, black_level: int, white_level: int) -> np.ndarray:
@@ -109,14 +111,21 @@ def scan_pixels(x: h5py.Dataset, params: ValidateParams) -> SplitScan:
     return scan
 
 
-def check_split(directory: Path, split: str, params: ValidateParams
-                ) -> tuple[dict[str, Any], list[Problem], dict[bytes, int]]:
+def check_split(
+    directory: Path, split: str, params: ValidateParams
+) -> tuple[dict[str, Any], list[Problem], dict[bytes, int]]:
     """Check one split's two files; return its summary, its problems and its patch digests."""
     x_path, y_path = split_files(directory, split)
     problems: list[Problem] = []
 
-    def problem(severity: str, check: str, path: Path, message: str, fix: str,
-                indices: list[int] | None = None) -> None:
+    def problem(
+        severity: str,
+        check: str,
+        path: Path,
+        message: str,
+        fix: str,
+        indices: list[int] | None = None,
+    ) -> None:
         problems.append(Problem(severity, check, str(path), split, message, fix, indices or []))
 
     summary: dict[str, Any] = {"x_file": str(x_path), "y_file": str(y_path)}
@@ -128,13 +137,22 @@ def check_split(directory: Path, split: str, params: ValidateParams
             problem("error", "missing_file", path, "file not found", REFETCH)
             continue
         except OSError as exc:
-            problem("error", "unreadable", path, f"not a readable HDF5 file ({exc}); "
-                    "truncated or corrupt", REFETCH)
+            problem(
+                "error",
+                "unreadable",
+                path,
+                f"not a readable HDF5 file ({exc}); truncated or corrupt",
+                REFETCH,
+            )
             continue
         if key not in handle:
-            problem("error", "missing_key", path,
-                    f"dataset key '{key}' not found (keys: {sorted(handle.keys())})",
-                    f"store the {'patches' if key == 'x' else 'labels'} under key '{key}'")
+            problem(
+                "error",
+                "missing_key",
+                path,
+                f"dataset key '{key}' not found (keys: {sorted(handle.keys())})",
+                f"store the {'patches' if key == 'x' else 'labels'} under key '{key}'",
+            )
             handle.close()
             continue
         handles[key] = handle
@@ -145,64 +163,111 @@ def check_split(directory: Path, split: str, params: ValidateParams
 
     try:
         x, y = handles["x"]["x"], handles["y"]["y"]
-        summary.update(x_shape=list(x.shape), x_dtype=str(x.dtype), y_shape=list(y.shape),
-                       y_dtype=str(y.dtype))
+        summary.update(
+            x_shape=list(x.shape), x_dtype=str(x.dtype), y_shape=list(y.shape), y_dtype=str(y.dtype)
+        )
         if x.ndim != 4 or tuple(x.shape[1:]) != PATCH_SHAPE:
-            problem("error", "shape", x_path,
-                    f"x has shape {tuple(x.shape)}, expected (N, 96, 96, 3)",
-                    "write patches as (N, 96, 96, 3) channels-last RGB")
+            problem(
+                "error",
+                "shape",
+                x_path,
+                f"x has shape {tuple(x.shape)}, expected (N, 96, 96, 3)",
+                "write patches as (N, 96, 96, 3) channels-last RGB",
+            )
             return summary, problems, {}
         labels = y[...].reshape(len(y), -1) if y.ndim else np.empty((0, 1))
         if labels.shape[1] != 1:
-            problem("error", "shape", y_path, f"y has shape {tuple(y.shape)}, expected (N, 1, 1, 1)",
-                    "write one label per patch")
+            problem(
+                "error",
+                "shape",
+                y_path,
+                f"y has shape {tuple(y.shape)}, expected (N, 1, 1, 1)",
+                "write one label per patch",
+            )
             return summary, problems, {}
         labels = labels[:, 0]
         if len(labels) != x.shape[0]:
-            problem("error", "length_mismatch", y_path,
-                    f"{len(labels)} labels for {x.shape[0]} patches in {x_path.name}",
-                    "x and y must come from the same release; " + REFETCH)
+            problem(
+                "error",
+                "length_mismatch",
+                y_path,
+                f"{len(labels)} labels for {x.shape[0]} patches in {x_path.name}",
+                "x and y must come from the same release; " + REFETCH,
+            )
 
         if x.dtype != np.uint8:
             severity = "warning" if params.allow_unsafe_dtype else "error"
-            problem(severity, "dtype", x_path,
-                    f"pixel dtype {x.dtype}, expected uint8 (the known dataset poisoning: wider "
-                    "or float pixels carry values a uint8 image cannot)",
-                    "re-create the file as uint8, or set validate.allow_unsafe_dtype: true so "
-                    "preprocess clips to [0, 255] and casts")
+            problem(
+                severity,
+                "dtype",
+                x_path,
+                f"pixel dtype {x.dtype}, expected uint8 (the known dataset poisoning: wider "
+                "or float pixels carry values a uint8 image cannot)",
+                "re-create the file as uint8, or set validate.allow_unsafe_dtype: true so "
+                "preprocess clips to [0, 255] and casts",
+            )
         scan = scan_pixels(x, params)
         if scan.nonfinite:
-            problem("error", "nonfinite", x_path, "pixels are NaN or Inf",
-                    "drop or repair these patches at the source", scan.nonfinite)
+            problem(
+                "error",
+                "nonfinite",
+                x_path,
+                "pixels are NaN or Inf",
+                "drop or repair these patches at the source",
+                scan.nonfinite,
+            )
         if scan.out_of_range:
             severity = "warning" if params.allow_unsafe_dtype else "error"
-            problem(severity, "range", x_path,
-                    f"pixel values outside [0, 255] (min {scan.minimum}, max {scan.maximum})",
-                    "re-create the file as uint8, or set validate.allow_unsafe_dtype: true so "
-                    "preprocess clips to [0, 255]", scan.out_of_range)
+            problem(
+                severity,
+                "range",
+                x_path,
+                f"pixel values outside [0, 255] (min {scan.minimum}, max {scan.maximum})",
+                "re-create the file as uint8, or set validate.allow_unsafe_dtype: true so "
+                "preprocess clips to [0, 255]",
+                scan.out_of_range,
+            )
 
         values, counts = np.unique(labels, return_counts=True)
         bad_labels = ~np.isin(labels, [0, 1])
         if bad_labels.any():
-            problem("error", "labels", y_path,
-                    f"labels {sorted(set(values.tolist()) - {0, 1})} outside {{0, 1}}",
-                    "PCAM labels are 0 (normal) or 1 (tumour in the centre region)",
-                    first_indices(bad_labels))
+            problem(
+                "error",
+                "labels",
+                y_path,
+                f"labels {sorted(set(values.tolist()) - {0, 1})} outside {{0, 1}}",
+                "PCAM labels are 0 (normal) or 1 (tumour in the centre region)",
+                first_indices(bad_labels),
+            )
         positive_fraction = float((labels == 1).mean()) if len(labels) else 0.0
         if abs(positive_fraction - 0.5) > params.max_class_imbalance:
-            problem("warning", "class_balance", y_path,
-                    f"positive fraction {positive_fraction:.3f} (PCAM is 0.5)",
-                    "check the split; raise validate.max_class_imbalance if intended")
+            problem(
+                "warning",
+                "class_balance",
+                y_path,
+                f"positive fraction {positive_fraction:.3f} (PCAM is 0.5)",
+                "check the split; raise validate.max_class_imbalance if intended",
+            )
         blank_fraction = scan.blank_count / max(scan.n, 1)
         if blank_fraction > params.max_blank_fraction:
-            problem("warning", "blank", x_path,
-                    f"{scan.blank_count} all-black/all-white patches ({blank_fraction:.2%})",
-                    "preprocess drops them (preprocess.drop_blank)", scan.blank)
+            problem(
+                "warning",
+                "blank",
+                x_path,
+                f"{scan.blank_count} all-black/all-white patches ({blank_fraction:.2%})",
+                "preprocess drops them (preprocess.drop_blank)",
+                scan.blank,
+            )
         duplicate_fraction = len(scan.duplicates) / max(scan.n, 1)
         if duplicate_fraction > params.max_duplicate_fraction:
-            problem("warning", "duplicates", x_path,
-                    f"{len(scan.duplicates)} exact duplicate patches within the split",
-                    "deduplicate at the source", [later for _, later in scan.duplicates])
+            problem(
+                "warning",
+                "duplicates",
+                x_path,
+                f"{len(scan.duplicates)} exact duplicate patches within the split",
+                "deduplicate at the source",
+                [later for _, later in scan.duplicates],
+            )
         summary.update(
             n=scan.n,
             label_counts={str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
@@ -224,9 +289,10 @@ def find_leakage(digests: dict[str, dict[bytes, int]]) -> dict[tuple[str, str], 
     leaks: dict[tuple[str, str], list[int]] = {}
     names = [s for s in SPLITS if s in digests]
     for i, earlier in enumerate(names):
-        for later in names[i + 1:]:
-            shared = [index for digest, index in digests[later].items()
-                      if digest in digests[earlier]]
+        for later in names[i + 1 :]:
+            shared = [
+                index for digest, index in digests[later].items() if digest in digests[earlier]
+            ]
             if shared:
                 leaks[(earlier, later)] = sorted(shared)
     return leaks
@@ -242,12 +308,17 @@ def validate_dir(directory: Path, params: ValidateParams) -> dict[str, Any]:
             digests[split] = split_digests
     leakage = find_leakage(digests)
     for (earlier, later), indices in leakage.items():
-        problems.append(Problem(
-            "error" if params.fail_on_leakage else "warning", "leakage",
-            str(split_files(directory, later)[0]), later,
-            f"{len(indices)} patches also present in the {earlier} split (train/test leakage)",
-            "remove them from one of the splits, or set validate.fail_on_leakage: false",
-            indices[:MAX_LISTED]))
+        problems.append(
+            Problem(
+                "error" if params.fail_on_leakage else "warning",
+                "leakage",
+                str(split_files(directory, later)[0]),
+                later,
+                f"{len(indices)} patches also present in the {earlier} split (train/test leakage)",
+                "remove them from one of the splits, or set validate.fail_on_leakage: false",
+                indices[:MAX_LISTED],
+            )
+        )
     return {
         "ok": not any(p.severity == "error" for p in problems),
         "splits": splits,

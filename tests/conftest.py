@@ -1,0 +1,55 @@
+"""Fixtures shared by the unit tests: params with small overrides, and small PCAM datasets."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pcam_pipeline.params import Params, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture(scope="session")
+def default_raw_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture
+def make_params(default_raw_params: dict[str, Any]) -> Callable[..., Params]:
+    """Params from the repository's params.yaml with nested overrides applied."""
+
+    def build(**overrides: Any) -> Params:
+        return parse_params(merge(default_raw_params, overrides))
+
+    return build
+
+
+@pytest.fixture
+def small_params(make_params: Callable[..., Params]) -> Params:
+    return make_params(
+        fetch={"sizes": {"train": 96, "valid": 48, "test": 48}},
+        train={"epochs": 1, "batch_size": 32, "cnn": {"channels": [8, 16]}},
+    )
+
+
+@pytest.fixture
+def in_tmp_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run stages with relative paths inside an empty directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

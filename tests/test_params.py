@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from pcam_pipeline.params import SYNTHETIC_INPUT, ParamsError, load_params, parse_params
+from tests.conftest import REPO_ROOT, merge
+
+
+def test_repository_params_load():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.fetch.source == "synthetic"
+    assert params.validate_.fail_on_leakage is True
+    assert params.as_dict()["validate"]["black_level"] == params.validate_.black_level
+
+
+def test_unknown_key_names_key_and_allowed_keys(default_raw_params):
+    raw = merge(default_raw_params, {"train": {"learning_rate": 0.1}})
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert "train.learning_rate: unknown key 'learning_rate'" in message
+    assert "lr" in message and "batch_size" in message
+
+
+def test_bad_choice_names_allowed_values(default_raw_params):
+    raw = merge(default_raw_params, {"train": {"optimizer": "adam"}})
+    with pytest.raises(ParamsError, match=r"train.optimizer: Input should be 'adamw' or 'sgd'"):
+        parse_params(raw)
+
+
+def test_bad_number_and_missing_key(default_raw_params):
+    raw = merge(default_raw_params, {"train": {"lr": -1}})
+    del raw["evaluate"]["batch_size"]
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    assert "train.lr: Input should be greater than 0 (found -1)" in str(info.value)
+    assert "evaluate.batch_size: required key is missing" in str(info.value)
+
+
+def test_source_and_input_must_agree(default_raw_params):
+    raw = merge(default_raw_params, {"fetch": {"source": "path"}})
+    with pytest.raises(ParamsError, match="with source 'path', input must be the directory"):
+        parse_params(raw)
+    raw = merge(default_raw_params, {"fetch": {"input": "data/raw"}})
+    with pytest.raises(ParamsError, match=f"must be '{SYNTHETIC_INPUT}'"):
+        parse_params(raw)
+
+
+def test_unknown_section(default_raw_params):
+    with pytest.raises(ParamsError, match="unknown key 'trian'"):
+        parse_params({**default_raw_params, "trian": {}})
+
+
+def test_file_errors(tmp_path: Path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_cli_reports_bad_params_with_exit_code_2(tmp_path: Path, capsys):
+    from pcam_pipeline.cli import main
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text(
+        (REPO_ROOT / "params.yaml").read_text().replace("source: synthetic", "source: zenodoo")
+    )
+    assert main(["--params", str(bad), "fetch"]) == 2
+    assert (
+        "fetch.source: Input should be 'synthetic', 'zenodo' or 'path'" in capsys.readouterr().err
+    )
