@@ -52,8 +52,8 @@ def _render_block(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     hema = 0.9 * _nuclei(rng, n, density=0.0025, radius=1.6)
 
     # Tumour clusters range from florid to barely there, so some positives are hard.
-    tumour = _nuclei(rng, n, density=0.012, radius=2.4, region=(CENTRE, CENTRE))
-    strength = rng.uniform(0.1, 1.0, size=(n, 1, 1)).astype(np.float32)
+    tumour = _nuclei(rng, n, density=0.008, radius=2.2, region=(CENTRE, CENTRE))
+    strength = rng.uniform(0.0, 0.8, size=(n, 1, 1)).astype(np.float32)
     hema += positive[:, None, None] * strength * 1.2 * tumour
 
     # Inflammation in a random quadrant of 30% of negatives: dense but small nuclei.
