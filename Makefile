@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
+# Idle OpenMP threads sleep instead of spinning: on shared or oversubscribed cores spinning
+# steals the CPU from the thread doing the work (see README, Performance).
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test test-fast lint image sif clean-venv
+.PHONY: setup run test test-fast lint image sif s3-up s3-down clean-venv
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
@@ -31,3 +33,15 @@ lint: $(STAMP)  ## the pre-commit hooks on every file
 
 clean-venv:
 	rm -rf $(VENV)
+
+image:  ## container image pcam-pipeline:$TORCH_VARIANT (docker or podman; README, Containers)
+	containers/build.sh image
+
+sif:  ## Apptainer image pcam.sif from that image (needs apptainer; README, Containers)
+	containers/build.sh sif
+
+s3-up:  ## a local S3 server (moto) on 127.0.0.1:5555, bucket pcam-dvc, to try the DVC remote
+	scripts/s3-server.sh start --port 5555 --bucket pcam-dvc
+
+s3-down:  ## stop it (by its PID)
+	scripts/s3-server.sh stop --port 5555

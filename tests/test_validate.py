@@ -92,7 +92,7 @@ def test_missing_key(pcam, small_params):
 
 def test_cross_split_duplicate_is_leakage(pcam, small_params):
     train_x, _ = read(pcam, "train")
-    test_x, test_y = read(pcam, "test")
+    test_x, _ = read(pcam, "test")
     test_x[4] = train_x[17]
     rewrite(pcam, "test", "x", "x", test_x)
     report = validate_dir(pcam, small_params.validate_)

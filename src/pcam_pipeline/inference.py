@@ -16,8 +16,14 @@ from pcam_pipeline.repro import load_checkpoint
 
 
 @torch.no_grad()
-def predict_batches(model: nn.Module, batches: Any, mean: torch.Tensor, std: torch.Tensor,
-                    device: torch.device, bf16: bool = False) -> np.ndarray:
+def predict_batches(
+    model: nn.Module,
+    batches: Any,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    bf16: bool = False,
+) -> np.ndarray:
     """Sigmoid probabilities for uint8 (B,96,96,3) batches, in order."""
     model.eval()
     outputs = []
@@ -32,16 +38,25 @@ def predict_batches(model: nn.Module, batches: Any, mean: torch.Tensor, std: tor
     return torch.cat(outputs).numpy().astype(np.float64)
 
 
-def predict_split(model: nn.Module, split: Split, mean: torch.Tensor, std: torch.Tensor,
-                  device: torch.device, batch_size: int, bf16: bool = False) -> np.ndarray:
+def predict_split(
+    model: nn.Module,
+    split: Split,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    bf16: bool = False,
+) -> np.ndarray:
     """Probabilities for a whole split, in file order."""
-    batches = (to_device(x, y, device)[0]
-               for x, y in split.batches(torch.arange(split.length), batch_size))
+    batches = (
+        to_device(x, y, device)[0] for x, y in split.batches(torch.arange(split.length), batch_size)
+    )
     return predict_batches(model, batches, mean, std, device, bf16)
 
 
-def model_from_checkpoint(path: Path, device: torch.device
-                          ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
+def model_from_checkpoint(
+    path: Path, device: torch.device
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The model a checkpoint holds, with its normalisation statistics; needs nothing else."""
     checkpoint = load_checkpoint(path)
     train_params = TrainParams.model_validate(checkpoint["params"]["train"])

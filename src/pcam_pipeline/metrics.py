@@ -14,8 +14,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(skm.roc_auc_score(labels, scores))
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str, fixed: float = 0.5
-                     ) -> float:
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str, fixed: float = 0.5) -> float:
     """The decision threshold by `rule`: youden (max TPR-FPR), f1 (max F1) or fixed."""
     if rule == "fixed":
         return fixed
@@ -30,7 +29,12 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str, fixed: fl
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int) -> float:
-    """Weighted mean |accuracy - confidence| over equal-width probability bins."""
+    """Binary ECE: sum over equal-width bins of (bin share) * |positive fraction - mean prob|.
+
+    Bins are [0, 1/b), [1/b, 2/b), ... [(b-1)/b, 1]; these are the points of the calibration
+    curve (reports/evaluate/plots/sklearn/calibration.json), weighted by how many patches each
+    bin holds.
+    """
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
     error = 0.0
@@ -41,8 +45,9 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int)
     return float(error)
 
 
-def classification_report(labels: np.ndarray, probs: np.ndarray, threshold: float,
-                          calibration_bins: int = 10) -> dict[str, Any]:
+def classification_report(
+    labels: np.ndarray, probs: np.ndarray, threshold: float, calibration_bins: int = 10
+) -> dict[str, Any]:
     predicted = (probs >= threshold).astype(int)
     eps = 1e-7
     clipped = np.clip(probs, eps, 1 - eps)

@@ -9,6 +9,8 @@ import os
 import platform
 import random
 import subprocess
+import sys
+from collections import OrderedDict
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -94,17 +96,44 @@ def provenance(data_files: list[Path]) -> dict[str, Any]:
     }
 
 
+def canonical(value: Any) -> Any:
+    """A copy of plain data in which equal strings are one object and no container is shared.
+
+    Pickle writes a back-reference for an object it has seen before (by identity), so the bytes
+    of equal data depend on where its strings came from: a key typed in the code, or one read
+    back from a checkpoint by a resumed run. Interning every string and rebuilding every
+    container makes the pickled bytes a function of the values alone. Tensors are kept as they
+    are (torch stores each storage once, by identity, which is already deterministic).
+    """
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, OrderedDict):  # module state_dicts: keep the type and the version info
+        copy = OrderedDict((canonical(k), canonical(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            copy._metadata = canonical(value._metadata)  # type: ignore[attr-defined]
+        return copy
+    if isinstance(value, dict):
+        return {canonical(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(canonical(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save through memory, then an atomic rename: identical state gives identical bytes.
 
-    Saving to a path would embed the (temporary, per-process) file name in the archive.
+    Saving to a path would embed the (temporary, per-process) file name in the archive; the
+    state goes through `canonical` so that a resumed run's checkpoint (whose history was read
+    back from disk) has the same bytes as an uninterrupted run's.
     """
     import io
 
     import torch
 
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(canonical(state), buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
 

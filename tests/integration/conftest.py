@@ -65,7 +65,10 @@ def copy_project(target: Path) -> Path:
     run(["git", "init", "-q", "-b", "main"], target)
     run(["git", "add", "-A"], target)
     run(["git", "commit", "-q", "-m", "pcam-pipeline under test"], target)
-    run(["dvc", "config", "--local", "core.site_cache_dir", str(target / ".dvc" / "site")], target)
+    run(
+        ["dvc", "config", "--local", "core.site_cache_dir", str(target / ".dvc" / "tmp" / "site")],
+        target,
+    )
     return target
 
 

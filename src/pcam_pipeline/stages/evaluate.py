@@ -38,12 +38,19 @@ def patch_features(images: np.ndarray) -> dict[str, np.ndarray]:
     """
     brightness = images.reshape(len(images), -1).mean(axis=1)
     optical_density = -np.log((images[..., 0].astype(np.float64) + 1.0) / 256.0)
-    return {"brightness": brightness,
-            "stain_intensity": optical_density.reshape(len(images), -1).mean(axis=1)}
+    return {
+        "brightness": brightness,
+        "stain_intensity": optical_density.reshape(len(images), -1).mean(axis=1),
+    }
 
 
-def slice_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float,
-                  features: dict[str, np.ndarray], n_slices: int) -> dict[str, Any]:
+def slice_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    features: dict[str, np.ndarray],
+    n_slices: int,
+) -> dict[str, Any]:
     """Accuracy and AUROC in quantile bins of each feature; the slice with lowest accuracy."""
     rows = []
     for name, values in features.items():
@@ -54,27 +61,32 @@ def slice_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float,
             if not members.any():
                 continue
             predicted = probs[members] >= threshold
-            rows.append({
-                "feature": name, "bin": b, "low": float(edges[b]), "high": float(edges[b + 1]),
-                "n": int(members.sum()),
-                "positive_fraction": float(labels[members].mean()),
-                "accuracy": float((predicted == labels[members]).mean()),
-                "auroc": auroc(labels[members], probs[members]),
-            })
+            rows.append(
+                {
+                    "feature": name,
+                    "bin": b,
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "n": int(members.sum()),
+                    "positive_fraction": float(labels[members].mean()),
+                    "accuracy": float((predicted == labels[members]).mean()),
+                    "auroc": auroc(labels[members], probs[members]),
+                }
+            )
     worst = min(rows, key=lambda row: row["accuracy"])
     return {"slices": rows, "worst": worst}
 
 
-def confident_errors(labels: np.ndarray, probs: np.ndarray, threshold: float, k: int
-                     ) -> np.ndarray:
+def confident_errors(labels: np.ndarray, probs: np.ndarray, threshold: float, k: int) -> np.ndarray:
     """Indices of the k wrong predictions made with the most confidence."""
     wrong = np.flatnonzero((probs >= threshold) != labels)
     confidence = np.abs(probs[wrong] - threshold)
     return wrong[np.argsort(-confidence, kind="stable")[:k]]
 
 
-def error_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, indices: np.ndarray
-               ) -> Any:
+def error_grid(
+    images: np.ndarray, labels: np.ndarray, probs: np.ndarray, indices: np.ndarray
+) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,11 +105,17 @@ def error_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, indice
     return figure
 
 
-def evaluate(labels_valid: np.ndarray, probs_valid: np.ndarray, labels_test: np.ndarray,
-             probs_test: np.ndarray, train_labels: np.ndarray, params: EvaluateParams
-             ) -> dict[str, Any]:
-    threshold = choose_threshold(labels_valid, probs_valid, params.threshold_rule,
-                                 params.fixed_threshold)
+def evaluate(
+    labels_valid: np.ndarray,
+    probs_valid: np.ndarray,
+    labels_test: np.ndarray,
+    probs_test: np.ndarray,
+    train_labels: np.ndarray,
+    params: EvaluateParams,
+) -> dict[str, Any]:
+    threshold = choose_threshold(
+        labels_valid, probs_valid, params.threshold_rule, params.fixed_threshold
+    )
     test = classification_report(labels_test, probs_test, threshold, params.calibration_bins)
     baseline = majority_baseline(train_labels, labels_test)
     return {
@@ -105,8 +123,9 @@ def evaluate(labels_valid: np.ndarray, probs_valid: np.ndarray, labels_test: np.
         "valid": {"auroc": auroc(labels_valid, probs_valid), "n": len(labels_valid)},
         "test": test,
         "baseline": baseline,
-        "gain_over_baseline": {k: test[k] - baseline[k]
-                               for k in ("accuracy", "balanced_accuracy", "auroc")},
+        "gain_over_baseline": {
+            k: test[k] - baseline[k] for k in ("accuracy", "balanced_accuracy", "auroc")
+        },
     }
 
 
@@ -117,19 +136,32 @@ def main(params: Params) -> None:
     model, mean, std, checkpoint = model_from_checkpoint(BEST_CHECKPOINT, device)
     bf16 = params.train.bf16 and device.type == "cuda"
     directory = data_dir()
-    splits = {name: Split.open(directory / f"{name}.h5", params.loader)
-              for name in ("train", "valid", "test")}
-    probs = {name: predict_split(model, splits[name], mean, std, device,
-                                 params.evaluate.batch_size, bf16) for name in ("valid", "test")}
+    splits = {
+        name: Split.open(directory / f"{name}.h5", params.loader)
+        for name in ("train", "valid", "test")
+    }
+    probs = {
+        name: predict_split(
+            model, splits[name], mean, std, device, params.evaluate.batch_size, bf16
+        )
+        for name in ("valid", "test")
+    }
     labels = {name: split.labels.astype(int) for name, split in splits.items()}
-    report = evaluate(labels["valid"], probs["valid"], labels["test"], probs["test"],
-                      labels["train"], params.evaluate)
+    report = evaluate(
+        labels["valid"],
+        probs["valid"],
+        labels["test"],
+        probs["test"],
+        labels["train"],
+        params.evaluate,
+    )
     threshold = report["threshold"]["value"]
 
     test = splits["test"]
     images = test.images.numpy() if test.in_memory else _read_all(test)
-    slices = slice_metrics(labels["test"], probs["test"], threshold, patch_features(images),
-                           params.evaluate.n_slices)
+    slices = slice_metrics(
+        labels["test"], probs["test"], threshold, patch_features(images), params.evaluate.n_slices
+    )
     report["worst_slice"] = {k: slices["worst"][k] for k in ("feature", "bin", "n", "accuracy")}
     report["best_epoch"] = checkpoint["progress"]["best_epoch"]
     write_json(SLICES_FILE, slices)
@@ -140,18 +172,29 @@ def main(params: Params) -> None:
         live.log_sklearn_plot("roc", labels["test"], probs["test"], name="roc.json")
         live.log_sklearn_plot("precision_recall", labels["test"], probs["test"], name="pr.json")
         live.log_sklearn_plot("confusion_matrix", labels["test"], predicted, name="confusion.json")
-        live.log_sklearn_plot("calibration", labels["test"], probs["test"],
-                              name="calibration.json", n_bins=params.evaluate.calibration_bins)
-    indices = confident_errors(labels["test"], probs["test"], threshold,
-                               params.evaluate.n_error_examples)
+        live.log_sklearn_plot(
+            "calibration",
+            labels["test"],
+            probs["test"],
+            name="calibration.json",
+            n_bins=params.evaluate.calibration_bins,
+        )
+    indices = confident_errors(
+        labels["test"], probs["test"], threshold, params.evaluate.n_error_examples
+    )
     figure = error_grid(images, labels["test"], probs["test"], indices)
     from pcam_pipeline.repro import atomic_path
 
     with atomic_path(ERRORS_IMAGE) as tmp:
         figure.savefig(tmp, format="png", dpi=80)
     t = report["test"]
-    log.info("test: auroc=%.4f accuracy=%.4f (baseline %.4f) threshold=%.3f (on valid)",
-             t["auroc"], t["accuracy"], report["baseline"]["accuracy"], threshold)
+    log.info(
+        "test: auroc=%.4f accuracy=%.4f (baseline %.4f) threshold=%.3f (on valid)",
+        t["auroc"],
+        t["accuracy"],
+        report["baseline"]["accuracy"],
+        threshold,
+    )
 
 
 def _read_all(split: Split) -> np.ndarray:

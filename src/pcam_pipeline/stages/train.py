@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,10 @@ def data_dir() -> Path:
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; "
-                           "use 'auto' or 'cpu', or run on a GPU node (`--gpus=1`)")
+        raise RuntimeError(
+            "train.device is 'cuda' but no CUDA device is visible; "
+            "use 'auto' or 'cpu', or run on a GPU node (`--gpus=1`)"
+        )
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
@@ -69,7 +72,8 @@ def lr_factor(params: TrainParams, step: int, steps_per_epoch: int) -> float:
         peak = max(int(0.3 * total), 1)
         if step < peak:
             return 0.04 + 0.96 * step / peak
-        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(total - peak, 1)))
+        decay = (step - peak) / max(total - peak, 1)
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * decay))
     if step < warmup:
         return (step + 1) / warmup
     if params.schedule == "cosine":
@@ -81,8 +85,13 @@ def lr_factor(params: TrainParams, step: int, steps_per_epoch: int) -> float:
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
     if params.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,
-                               weight_decay=params.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=params.lr,
+            momentum=params.momentum,
+            weight_decay=params.weight_decay,
+            nesterov=True,
+        )
     return torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
 
 
@@ -92,10 +101,19 @@ def class_weights(labels: np.ndarray) -> np.ndarray:
     return (1.0 / np.maximum(counts, 1))[labels]
 
 
-def fingerprint(params: Params, data_md5: dict[str, str]) -> str:
-    """What a resumable checkpoint must match: training-relevant params and the data."""
-    relevant = {"train": params.train.model_dump(), "data": data_md5}
+def fingerprint(params: Params, data_md5: dict[str, str], order: str) -> str:
+    """What a resumable checkpoint must match: training-relevant params, the data and the order.
+
+    `order` is how the train split is visited (held in memory, or streamed in blocks of a given
+    size): the two give different epoch orders, and which one is used depends on the memory
+    available, so a run may only resume into the same one.
+    """
+    relevant = {"train": params.train.model_dump(), "data": data_md5, "order": order}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def split_order(split: Split) -> str:
+    return "memory" if split.in_memory else f"stream:{split.params.block_patches}"
 
 
 @dataclass
@@ -104,8 +122,11 @@ class Progress:
 
     epoch: int = 0
     batch: int = 0
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("loss", "correct", "seen", "grad_norm", "steps"), 0.0))
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("loss", "correct", "seen", "grad_norm", "steps"), 0.0
+        )
+    )
     history: list[dict[str, float]] = field(default_factory=list)
     best_value: float | None = None
     best_epoch: int | None = None
@@ -123,14 +144,23 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
     return value < best if metric == "val_loss" else value > best
 
 
-def evaluate_split(model: nn.Module, split: Split, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, bf16: bool) -> dict[str, float]:
+def evaluate_split(
+    model: nn.Module,
+    split: Split,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    bf16: bool,
+) -> dict[str, float]:
     probs = predict_split(model, split, mean, std, device, 256, bf16)
     labels = split.labels.astype(np.float64)
     clipped = np.clip(probs, 1e-7, 1 - 1e-7)
     loss = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
-    return {"val_loss": loss, "val_accuracy": float(((probs >= 0.5) == labels).mean()),
-            "val_auroc": auroc(split.labels, probs)}
+    return {
+        "val_loss": loss,
+        "val_accuracy": float(((probs >= 0.5) == labels).mean()),
+        "val_auroc": auroc(split.labels, probs),
+    }
 
 
 def load_stats(directory: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +169,19 @@ def load_stats(directory: Path, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    """Every global generator's full state, as tensors and plain data (loadable weights_only)."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -148,6 +189,20 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    numpy_state = state.get("numpy")
+    if isinstance(numpy_state, dict):
+        np.random.set_state(
+            (
+                "MT19937",
+                numpy_state["key"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
+    if "python" in state:
+        python = state["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -157,6 +212,14 @@ def try_resume(path: Path, expected: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     checkpoint = load_checkpoint(path)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        log.info(
+            "%s has checkpoint format %s, this code writes %s: starting afresh",
+            path,
+            checkpoint.get("format"),
+            CHECKPOINT_FORMAT,
+        )
+        return None
     if checkpoint.get("fingerprint") != expected:
         log.info("%s is from other params or data: starting afresh", path)
         return None
@@ -179,9 +242,19 @@ class Trainer:
         self.valid_split = Split.open(directory / "valid.h5", params.loader)
         self.mean, self.std = load_stats(directory, self.device)
         files = [directory / "train.h5", directory / "valid.h5", directory / "stats.json"]
-        self.provenance = provenance(files)
-        data_md5 = {Path(k).name: v for k, v in self.provenance["data_md5"].items()}
-        self.fingerprint = fingerprint(params, data_md5)
+        found = provenance(files)
+        # Keyed by file name, not path: a run on a staged copy (PCAM_TRAIN_DATA_DIR) of the same
+        # files writes the same checkpoint bytes as one reading data/processed.
+        data_md5 = {Path(k).name: v for k, v in found["data_md5"].items()}
+        # Bit-identity holds for the same device and CPU thread count: record both.
+        self.provenance = {
+            **found,
+            "data_md5": data_md5,
+            "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
+        }
+        self.order = split_order(self.train_split)
+        self.fingerprint = fingerprint(params, data_md5, self.order)
         self.model = build_model(self.tp).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -195,8 +268,12 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.progress = Progress(**checkpoint["progress"])
         set_rng_state(checkpoint["rng"])
-        log.info("resuming from %s at epoch %d, batch %d", LAST_CHECKPOINT,
-                 self.progress.epoch + 1, self.progress.batch)
+        log.info(
+            "resuming from %s at epoch %d, batch %d",
+            LAST_CHECKPOINT,
+            self.progress.epoch + 1,
+            self.progress.batch,
+        )
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -206,6 +283,7 @@ class Trainer:
             "progress": self.progress.as_dict(),
             "rng": rng_state(),
             "fingerprint": self.fingerprint,
+            "data_order": self.order,
             "params": self.params.as_dict(),
             "provenance": self.provenance,
             "normalisation": {"mean": self.mean.tolist(), "std": self.std.tolist()},
@@ -217,13 +295,20 @@ class Trainer:
         order = self.train_split.epoch_order(epoch_generator(tp.seed, progress.epoch), self.weights)
         loss_fn = nn.BCEWithLogitsLoss()
         batches = self.train_split.batches(order, tp.batch_size, progress.batch)
-        bar = tqdm(batches, total=self.steps_per_epoch, initial=progress.batch, leave=False,
-                   desc=f"epoch {progress.epoch + 1}/{tp.epochs}", disable=None)
+        bar = tqdm(
+            batches,
+            total=self.steps_per_epoch,
+            initial=progress.batch,
+            leave=False,
+            desc=f"epoch {progress.epoch + 1}/{tp.epochs}",
+            disable=None,
+        )
         for x, y in bar:
             step = progress.epoch * self.steps_per_epoch + progress.batch
             for group in self.optimizer.param_groups:
-                group["lr"] = tp.lr * lr_factor(tp, step, self.steps_per_epoch) * (
-                    progress.plateau_scale)
+                group["lr"] = (
+                    tp.lr * lr_factor(tp, step, self.steps_per_epoch) * (progress.plateau_scale)
+                )
             x, y = to_device(x, y, self.device)
             images = normalise(x, self.mean, self.std, channels_last=self.device.type == "cuda")
             generator = epoch_generator(tp.seed, progress.epoch, salt=1 + progress.batch)
@@ -246,6 +331,13 @@ class Trainer:
             sums["steps"] += 1
             progress.batch += 1
             bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}")
+            log.debug(
+                "epoch %d batch %d/%d loss %.4f",
+                progress.epoch + 1,
+                progress.batch,
+                self.steps_per_epoch,
+                loss.item(),
+            )
             if stop.signal is not None:
                 save_checkpoint(LAST_CHECKPOINT, self.checkpoint())
                 raise Preempted(
@@ -262,8 +354,9 @@ class Trainer:
             "train_accuracy": sums["correct"] / sums["seen"],
             "grad_norm": sums["grad_norm"] / sums["steps"],
             "lr": self.optimizer.param_groups[0]["lr"],
-            **evaluate_split(self.model, self.valid_split, self.mean, self.std, self.device,
-                             self.bf16),
+            **evaluate_split(
+                self.model, self.valid_split, self.mean, self.std, self.device, self.bf16
+            ),
         }
         if tp.schedule == "plateau":
             if progress.history and row["val_loss"] >= min(r["val_loss"] for r in progress.history):
@@ -291,28 +384,49 @@ class Trainer:
 def log_epoch(live: Any, row: dict[str, float]) -> None:
     for name, value in row.items():
         if name != "epoch":
-            live.log_metric(name, value)
+            # No timestamp column: the .tsv files must be byte-identical between runs.
+            live.log_metric(name, value, timestamp=False)
     live.next_step()
 
 
 def main(params: Params) -> None:
     from dvclive import Live
 
-    trainer = Trainer(params)
-    resumed = try_resume(LAST_CHECKPOINT, trainer.fingerprint)
-    if resumed is not None:
-        trainer.restore(resumed)
-    stop = StopFlag()
-    stop.install()
-    with Live(str(TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        # A resumed run starts with an empty log directory (DVC removed it): replay the history.
-        for row in trainer.progress.history:
-            log_epoch(live, row)
-        while trainer.progress.epoch < params.train.epochs:
-            trainer.train_epoch(stop)
-            row = trainer.end_epoch()
-            log_epoch(live, row)
-            log.info("epoch %d: %s", row["epoch"],
-                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+    # Installed first: a SIGUSR1/SIGTERM while the data loads is honoured at the first boundary
+    # instead of killing the process with the signal's default action.
+    with StopFlag() as stop:
+        trainer = Trainer(params)
+        resumed = try_resume(LAST_CHECKPOINT, trainer.fingerprint)
+        if resumed is not None:
+            trainer.restore(resumed)
+        log.info(
+            "training %d epochs of %d batches on %s, starting at epoch %d batch %d",
+            params.train.epochs,
+            trainer.steps_per_epoch,
+            trainer.device,
+            trainer.progress.epoch + 1,
+            trainer.progress.batch,
+        )
+        # Live() empties the log directory (and DVC removes it before the stage runs): a resumed
+        # run replays the finished epochs' history, so the logs end identical to an unbroken run.
+        with Live(str(TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+            for row in trainer.progress.history:
+                log_epoch(live, row)
+            while trainer.progress.epoch < params.train.epochs:
+                if stop.signal is not None:  # arrived between epochs: last.pt is up to date
+                    save_checkpoint(LAST_CHECKPOINT, trainer.checkpoint())
+                    raise Preempted(
+                        f"stopped by {signal.Signals(stop.signal).name} before epoch "
+                        f"{trainer.progress.epoch + 1}; {LAST_CHECKPOINT} saved: run the train "
+                        "stage again (`dvc repro`) to resume"
+                    )
+                trainer.train_epoch(stop)
+                row = trainer.end_epoch()
+                log_epoch(live, row)
+                log.info(
+                    "epoch %d: %s",
+                    row["epoch"],
+                    ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"),
+                )
     if trainer.progress.best_epoch is None:
         raise RuntimeError(f"no epoch improved {params.train.select_metric}; nothing saved as best")

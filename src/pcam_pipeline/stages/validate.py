@@ -60,8 +60,9 @@ def blank_mask(x: np.ndarray, black_level: int, white_level: int) -> np.ndarray:
 
 
 def patch_digests(x: np.ndarray) -> list[bytes]:
+    """128 bits of SHA-256 per patch: OpenSSL's SHA-256 (SHA-NI) runs 2x faster than blake2b."""
     contiguous = np.ascontiguousarray(x)
-    return [hashlib.blake2b(patch, digest_size=16).digest() for patch in contiguous]
+    return [hashlib.sha256(patch).digest()[:16] for patch in contiguous]
 
 
 def first_indices(mask: np.ndarray, offset: int = 0) -> list[int]:
@@ -86,8 +87,10 @@ class SplitScan:
 def scan_pixels(x: h5py.Dataset, params: ValidateParams) -> SplitScan:
     scan = SplitScan(n=int(x.shape[0]))
     is_float = np.issubdtype(x.dtype, np.floating)
+    buffer = np.empty((min(params.block_patches, scan.n), *x.shape[1:]), dtype=x.dtype)
     for part in blocks(scan.n, params.block_patches):
-        block = x[part]
+        block = buffer[: part.stop - part.start]  # one buffer for every block: no page faults
+        x.read_direct(block, part, np.s_[0 : len(block)])
         flat = block.reshape(len(block), -1)
         if is_float:
             bad = ~np.isfinite(flat).all(axis=1)

@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# containers/build.sh - build the pcam-pipeline container image and the Apptainer SIF made from it.
+#
+#   containers/build.sh image            build containers/Dockerfile with docker or podman
+#   containers/build.sh save             write the image to build/pcam-pipeline.tar (docker-archive)
+#   containers/build.sh sif              save + `apptainer build pcam.sif containers/apptainer.def`
+#   containers/build.sh base             make a local Debian bookworm base image (debootstrap)
+#   containers/build.sh install-podman   apt-get podman, buildah and what they need (Debian, root)
+#   containers/build.sh print-image      print the image name `image` builds
+#   containers/build.sh print-archive    print the archive path `save` writes
+#
+# Settings (environment variables; defaults in brackets):
+#   PCAM_ENGINE          docker | podman [the first one that works: docker with a reachable daemon,
+#                        else podman]
+#   PCAM_IMAGE           image name [pcam-pipeline:$TORCH_VARIANT]
+#   BASE_IMAGE           base image [docker.io/library/python:3.11-slim-bookworm]; any Debian
+#                        bookworm image with or without Python 3.11 works (`base` makes one)
+#   TORCH_VARIANT        cpu | cu126 | cu128 | ... [cpu]: the torch wheel build
+#   TORCH_INDEX_URL      auto | none | URL [auto = https://download.pytorch.org/whl/$TORCH_VARIANT;
+#                        none = take torch from the pip configuration like any other package]
+#   PCAM_PIP_FROM_HOST   auto | 1 | 0 [auto]: podman only. Bind this machine's pip configuration
+#                        (CA bundle, find-links wheel folders, file:// indexes) into the build's
+#                        RUN steps; nothing of it ends up in the image. auto = when the host pip
+#                        configuration names any of them. Sets TORCH_INDEX_URL=none unless given.
+#   PCAM_ARCHIVE         docker-archive path [build/pcam-pipeline.tar] (apptainer.def names it)
+#   PCAM_SIF             SIF path [pcam.sif]
+#   PCAM_BUILD_ARGS      extra arguments for `docker/podman build` (word-split)
+#   DEBIAN_MIRROR        mirror for `base` [the first bookworm mirror in /etc/apt/sources.list*]
+#   PCAM_BASE_IMAGE_NAME name `base` gives its image [localhost/debian:bookworm]
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
+PCAM_IMAGE="${PCAM_IMAGE:-pcam-pipeline:${TORCH_VARIANT}}"
+BASE_IMAGE="${BASE_IMAGE:-docker.io/library/python:3.11-slim-bookworm}"
+PCAM_ARCHIVE="${PCAM_ARCHIVE:-build/pcam-pipeline.tar}"
+PCAM_SIF="${PCAM_SIF:-pcam.sif}"
+PCAM_BASE_IMAGE_NAME="${PCAM_BASE_IMAGE_NAME:-localhost/debian:bookworm}"
+# podman on hosts like CI (hybrid cgroups): crun fails there, runc works; chroot isolation needs no
+# nested namespaces. Both are harmless elsewhere.
+PODMAN_BUILD_OPTS=(--isolation chroot)
+PODMAN_RUNTIME_OPTS=()
+if command -v runc >/dev/null 2>&1; then PODMAN_RUNTIME_OPTS=(--runtime runc); fi
+
+die() {
+    echo "containers/build.sh: error: $*" >&2
+    exit 1
+}
+note() { echo "containers/build.sh: $*" >&2; }
+
+usage() {
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+
+# --- container engine -------------------------------------------------------------------------
+ENGINE=""
+pick_engine() {
+    [[ -n "$ENGINE" ]] && return 0
+    if [[ -n "${PCAM_ENGINE:-}" ]]; then
+        case "$PCAM_ENGINE" in
+            docker | podman) ;;
+            *) die "PCAM_ENGINE='$PCAM_ENGINE' is not supported: use docker or podman" ;;
+        esac
+        command -v "$PCAM_ENGINE" >/dev/null 2>&1 ||
+            die "PCAM_ENGINE=$PCAM_ENGINE but '$PCAM_ENGINE' is not on PATH: install it or unset PCAM_ENGINE"
+        ENGINE="$PCAM_ENGINE"
+        return 0
+    fi
+    # A docker CLI without a reachable daemon is common (CI images, this kind of VM): skip it.
+    if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        ENGINE=docker
+    elif command -v podman >/dev/null 2>&1; then
+        ENGINE=podman
+    elif command -v docker >/dev/null 2>&1; then
+        die "found the docker CLI but no running Docker daemon ('docker info' fails), and podman is not installed: start the Docker daemon, or install podman (Debian/Ubuntu as root: containers/build.sh install-podman)"
+    else
+        die "neither docker nor podman is installed: install Docker (https://docs.docker.com/engine/install/) or podman (Debian/Ubuntu as root: containers/build.sh install-podman)"
+    fi
+}
+
+engine() {
+    if [[ "$ENGINE" == podman ]]; then
+        podman "$@"
+    else
+        docker "$@"
+    fi
+}
+
+# --- pip settings of this machine, bound into the build (podman) ------------------------------
+# Prints lines `cert PATH`, `links DIR`, `index URL` from `pip config list` (all scopes and PIP_*).
+host_pip_settings() {
+    local py
+    py="$(command -v python3 || true)"
+    [[ -n "$py" ]] || return 0
+    "$py" -m pip config list 2>/dev/null | "$py" -c '
+import shlex, sys
+seen = set()
+for line in sys.stdin:
+    key, _, value = line.strip().partition("=")
+    if not value:
+        continue
+    name = key.rsplit(".", 1)[-1]
+    values = shlex.split(value)
+    values = [w for v in values for w in v.split()]
+    for v in values:
+        if name == "cert":
+            item = ("cert", v)
+        elif name == "find-links":
+            item = ("links", v)
+        elif name in ("index-url", "extra-index-url"):
+            item = ("index", v)
+        else:
+            continue
+        if item not in seen:
+            seen.add(item)
+            print(*item)
+'
+}
+
+# Fills $PIP_DIR (a new host folder, bound at /run/pcam-build during the build) with pip.conf, a
+# copy of the CA bundle and empty mount points for the wheel folders and local indexes, which are
+# bound inside it: so the image keeps no trace of them but an empty /run/pcam-build.
+# Sets PIP_VOLUMES (podman --volume options). Returns 1 if the host pip configuration names none.
+PIP_VOLUMES=()
+PIP_DIR=""
+prepare_host_pip() {
+    local kind value n_links=0 n_index=0 links=() indexes=() cert=""
+    PIP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pcam-build-pip.XXXXXX")"
+    chmod 755 "$PIP_DIR"
+    while read -r kind value; do
+        case "$kind" in
+            cert)
+                [[ -z "$cert" && -f "$value" ]] || continue
+                cp "$value" "$PIP_DIR/ca.crt"
+                cert=/run/pcam-build/ca.crt
+                ;;
+            links)
+                value="${value#file://}"
+                if [[ -d "$value" ]]; then
+                    mkdir "$PIP_DIR/links$n_links"
+                    PIP_VOLUMES+=(--volume "$value:/run/pcam-build/links$n_links:ro")
+                    links+=("/run/pcam-build/links$n_links")
+                    n_links=$((n_links + 1))
+                elif [[ "$value" == http* ]]; then
+                    links+=("$value")
+                fi
+                ;;
+            index)
+                if [[ "$value" == file://* ]]; then
+                    value="${value#file://}"
+                    value="${value%/}"
+                    [[ -d "$value" ]] || continue
+                    # Bind the folder above: local indexes link to ../../files/*.whl.
+                    mkdir "$PIP_DIR/index$n_index"
+                    PIP_VOLUMES+=(--volume "$(dirname "$value"):/run/pcam-build/index$n_index:ro")
+                    indexes+=("file:///run/pcam-build/index$n_index/$(basename "$value")")
+                    n_index=$((n_index + 1))
+                else
+                    indexes+=("$value")
+                fi
+                ;;
+        esac
+    done < <(host_pip_settings)
+    if [[ -z "$cert" && ${#links[@]} -eq 0 && ${#indexes[@]} -eq 0 ]]; then
+        rm -rf "$PIP_DIR"
+        PIP_DIR=""
+        return 1
+    fi
+    # The default index (PyPI) stays first; the host's extra indexes and wheel folders come on top.
+    local extra=()
+    for value in "${indexes[@]}"; do
+        [[ "$value" == "https://pypi.org/simple" || "$value" == "https://pypi.org/simple/" ]] ||
+            extra+=("$value")
+    done
+    {
+        echo "[global]"
+        [[ -z "$cert" ]] || echo "cert = $cert"
+        ((${#links[@]} == 0)) || echo "find-links = ${links[*]}"
+        ((${#extra[@]} == 0)) || echo "extra-index-url = ${extra[*]}"
+    } >"$PIP_DIR/pip.conf"
+    chmod -R a+rX "$PIP_DIR"
+    # The folder itself first: podman mounts in the order given.
+    PIP_VOLUMES=(--volume "$PIP_DIR:/run/pcam-build:ro" "${PIP_VOLUMES[@]}")
+    return 0
+}
+
+project_version() {
+    sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n 1
+}
+
+git_commit() {
+    local rev
+    rev="$(git -C "$REPO_ROOT" rev-parse --verify --quiet HEAD 2>/dev/null || true)"
+    [[ -n "$rev" ]] || rev=unknown
+    if [[ "$rev" != unknown ]] && [[ -n "$(git -C "$REPO_ROOT" status --porcelain -- src pyproject.toml requirements.lock containers 2>/dev/null)" ]]; then
+        rev="$rev-dirty"
+    fi
+    echo "$rev"
+}
+
+# --- subcommands -------------------------------------------------------------------------------
+cmd_image() {
+    pick_engine
+    [[ -f requirements.lock ]] || die "requirements.lock is missing in $REPO_ROOT: the image installs exactly these pins (see README 'Updating dependencies')"
+    local args=(build --file containers/Dockerfile --tag "$PCAM_IMAGE"
+        --build-arg "BASE_IMAGE=$BASE_IMAGE"
+        --build-arg "TORCH_VARIANT=$TORCH_VARIANT"
+        --build-arg "GIT_COMMIT=$(git_commit)"
+        --build-arg "VERSION=$(project_version)")
+    local tmp=""
+    local torch_index="${TORCH_INDEX_URL:-}"
+    if [[ "$ENGINE" == podman ]]; then
+        args+=("${PODMAN_BUILD_OPTS[@]}")
+        local from_host="${PCAM_PIP_FROM_HOST:-auto}"
+        if [[ "$from_host" != 0 ]] && prepare_host_pip; then
+            tmp="$PIP_DIR"
+            args+=("${PIP_VOLUMES[@]}" --build-arg PIP_CONFIG_FILE=/run/pcam-build/pip.conf)
+            torch_index="${torch_index:-none}"
+            note "binding this machine's pip settings into the build (not into the image):"
+            sed 's/^/    /' "$tmp/pip.conf" >&2
+        elif [[ "$from_host" == 1 ]]; then
+            die "PCAM_PIP_FROM_HOST=1 but 'python3 -m pip config list' names no cert, find-links or index"
+        fi
+    elif [[ "${PCAM_PIP_FROM_HOST:-auto}" == 1 ]]; then
+        die "PCAM_PIP_FROM_HOST=1 needs podman (docker build cannot bind host folders): set PCAM_ENGINE=podman"
+    fi
+    args+=(--build-arg "TORCH_INDEX_URL=${torch_index:-auto}")
+    # shellcheck disable=SC2206  # intentional word splitting of user-supplied extra arguments
+    local extra=(${PCAM_BUILD_ARGS:-})
+    args+=("${extra[@]}" .)
+    note "$ENGINE ${args[*]}"
+    local start=$SECONDS rc=0
+    engine "${args[@]}" || rc=$?
+    [[ -z "$tmp" ]] || rm -rf "$tmp"
+    ((rc == 0)) || die "$ENGINE build failed (exit $rc); see the output above"
+    local size
+    size="$(engine image inspect --format '{{.Size}}' "$PCAM_IMAGE" 2>/dev/null || echo '?')"
+    note "built $PCAM_IMAGE in $((SECONDS - start)) s; size $size bytes"
+}
+
+cmd_print_image() {
+    echo "$PCAM_IMAGE"
+}
+
+cmd_print_archive() {
+    echo "$PCAM_ARCHIVE"
+}
+
+cmd_save() {
+    pick_engine
+    engine image inspect "$PCAM_IMAGE" >/dev/null 2>&1 ||
+        die "image $PCAM_IMAGE not found in $ENGINE: build it first (make image / containers/build.sh image)"
+    mkdir -p "$(dirname "$PCAM_ARCHIVE")"
+    rm -f "$PCAM_ARCHIVE"
+    if [[ "$ENGINE" == podman ]]; then
+        podman save --format docker-archive --output "$PCAM_ARCHIVE" "$PCAM_IMAGE"
+    else
+        docker save --output "$PCAM_ARCHIVE" "$PCAM_IMAGE"
+    fi
+    note "saved $PCAM_IMAGE to $PCAM_ARCHIVE ($(du -h "$PCAM_ARCHIVE" | cut -f1))"
+}
+
+cmd_sif() {
+    local apptainer
+    apptainer="$(command -v apptainer || command -v singularity || true)"
+    [[ -n "$apptainer" ]] ||
+        die "apptainer is not installed (nor singularity): install Apptainer (https://apptainer.org/docs/admin/main/installation.html), or copy $PCAM_ARCHIVE (containers/build.sh save) and containers/apptainer.def to a machine that has it (e.g. Snellius) and run 'containers/build.sh sif' there"
+    if command -v docker >/dev/null 2>&1 || command -v podman >/dev/null 2>&1; then
+        cmd_save
+    elif [[ -f "$PCAM_ARCHIVE" ]]; then
+        note "no docker/podman here: using the existing $PCAM_ARCHIVE"
+    else
+        die "no docker or podman to save the image, and $PCAM_ARCHIVE does not exist: make it where the image was built (containers/build.sh save) and copy it here"
+    fi
+    [[ "$PCAM_ARCHIVE" == build/pcam-pipeline.tar ]] ||
+        die "containers/apptainer.def reads build/pcam-pipeline.tar; PCAM_ARCHIVE=$PCAM_ARCHIVE differs"
+    # Apptainer unpacks the layers into APPTAINER_TMPDIR and caches blobs in APPTAINER_CACHEDIR
+    # (default ~/.apptainer): several GB, so keep them off a small home file system.
+    note "APPTAINER_TMPDIR=${APPTAINER_TMPDIR:-<unset: /tmp>} APPTAINER_CACHEDIR=${APPTAINER_CACHEDIR:-<unset: ~/.apptainer/cache>}"
+    "$apptainer" build --force "$PCAM_SIF" containers/apptainer.def
+    "$apptainer" test "$PCAM_SIF"
+    note "built $PCAM_SIF ($(du -h "$PCAM_SIF" | cut -f1))"
+}
+
+debian_mirror() {
+    if [[ -n "${DEBIAN_MIRROR:-}" ]]; then
+        echo "$DEBIAN_MIRROR"
+        return 0
+    fi
+    local f mirror=""
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f "$f" ]] || continue
+        mirror="$(awk '
+            # one-line format: deb [opts] URI SUITE COMPONENTS
+            $1 == "deb" { i = 2; if ($2 ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+                          if ($(i + 1) == "bookworm") { print $i; exit } }
+            # deb822 format: a stanza with URIs: and Suites: bookworm
+            /^URIs:/ { uri = $2 }
+            /^Suites:/ { for (j = 2; j <= NF; j++) if ($j == "bookworm") hit = 1 }
+            /^[[:space:]]*$/ { if (hit && uri != "") { print uri; exit } hit = 0; uri = "" }
+            END { if (hit && uri != "") print uri }
+        ' "$f" | head -n 1)"
+        [[ -z "$mirror" ]] || break
+    done
+    [[ -n "$mirror" ]] ||
+        die "no Debian bookworm mirror found in /etc/apt/sources.list*: set DEBIAN_MIRROR (e.g. http://deb.debian.org/debian)"
+    echo "$mirror"
+}
+
+cmd_base() {
+    pick_engine
+    command -v debootstrap >/dev/null 2>&1 ||
+        die "debootstrap is not installed: apt-get install debootstrap (or containers/build.sh install-podman)"
+    [[ $EUID -eq 0 ]] || die "'base' runs debootstrap, which needs root"
+    local mirror rootfs start=$SECONDS
+    mirror="$(debian_mirror)"
+    rootfs="$(mktemp -d "${TMPDIR:-/tmp}/pcam-rootfs.XXXXXX")"
+    # shellcheck disable=SC2064
+    trap "rm -rf '$rootfs'" EXIT
+    note "debootstrap --variant=minbase bookworm from $mirror"
+    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$rootfs.log" 2>&1 || {
+        tail -n 30 "$rootfs.log" >&2
+        rm -f "$rootfs.log"
+        die "debootstrap failed (log above): check the mirror $mirror (DEBIAN_MIRROR) and the network"
+    }
+    rm -f "$rootfs.log"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar --numeric-owner -C "$rootfs" -c . |
+        engine import --change 'CMD ["/bin/bash"]' - "$PCAM_BASE_IMAGE_NAME" >/dev/null
+    note "made $PCAM_BASE_IMAGE_NAME in $((SECONDS - start)) s; use it with BASE_IMAGE=$PCAM_BASE_IMAGE_NAME"
+}
+
+cmd_install_podman() {
+    [[ $EUID -eq 0 ]] || die "install-podman runs apt-get: run it as root (or with sudo)"
+    command -v apt-get >/dev/null 2>&1 ||
+        die "install-podman knows only apt-get (Debian/Ubuntu): install podman with your package manager"
+    local pkgs=(podman buildah debootstrap fuse-overlayfs slirp4netns uidmap runc)
+    local try
+    # Another apt-get may hold the lock for a while: retry.
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}"; then
+            podman --version
+            return 0
+        fi
+        if ((try == 1)); then apt-get update || true; fi
+        note "apt-get install failed (try $try); retrying in 6 s"
+        sleep 6
+    done
+    die "apt-get install ${pkgs[*]} failed 10 times: see the apt output above"
+}
+
+main() {
+    local cmd="${1:-help}"
+    case "$cmd" in
+        image) cmd_image ;;
+        save) cmd_save ;;
+        sif) cmd_sif ;;
+        base) cmd_base ;;
+        install-podman) cmd_install_podman ;;
+        print-image) cmd_print_image ;;
+        print-archive) cmd_print_archive ;;
+        help | -h | --help) usage ;;
+        *)
+            usage >&2
+            die "unknown subcommand '$cmd'"
+            ;;
+    esac
+}
+
+main "$@"

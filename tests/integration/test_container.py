@@ -1,0 +1,614 @@
+"""The container image (containers/Dockerfile) and the Apptainer definition built from it, for real.
+
+Builds the real Dockerfile once per session with podman (installed by containers/build.sh when
+missing), on a Debian bookworm base made locally with debootstrap (no registry is reachable), then
+runs `dvc repro` of the embedded default inside the image as a non-root uid with a read-only root
+file system, on a fresh clone of a repository whose pipeline also ran on the host, and compares the
+two runs' dvc.lock hashes and metrics. Apptainer cannot be installed here: the def file is checked
+as far as possible (its sections parse, it reads the archive `containers/build.sh save` writes from
+the image the Dockerfile builds, and its %environment + %test + %runscript run in the podman image).
+
+Skipped (with the reason) only where podman cannot be installed; with PCAM_REQUIRE_INTEGRATION=1
+(CI) that is a failure instead.
+
+Settings: PCAM_TEST_BASE_IMAGE (default: `containers/build.sh base` -> localhost/debian:bookworm),
+PCAM_TEST_CONTAINER_NO_CACHE=1 (build without podman's layer cache).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SH = REPO_ROOT / "containers" / "build.sh"
+DEF_FILE = REPO_ROOT / "containers" / "apptainer.def"
+DEFAULT_BASE = "localhost/debian:bookworm"
+# A uid that owns nothing: the container must work for any user (Apptainer runs as the caller).
+RUN_UID = "4242:4242"
+# Stages whose outputs must be bit-identical between the host and the container run. benchmark
+# measures wall-clock throughput, so only its presence is checked. Checkpoints (*.pt) record the
+# Python version in their provenance (the image's Debian 3.11.2 vs the host's 3.11.x), so they are
+# compared by content: every tensor (weights, optimizer, RNG) and every other field must be equal.
+DETERMINISTIC_STAGES = ("fetch", "validate", "preprocess", "train", "evaluate")
+VALID_DEF_SECTIONS = {
+    "setup", "files", "environment", "post", "runscript", "startscript", "test", "labels",
+    "help", "arguments",
+}  # fmt: skip
+
+
+def read_lock() -> dict[str, str]:
+    """Normalised name -> version from requirements.lock."""
+    locked = {}
+    for line in (REPO_ROOT / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.strip().partition("==")
+            locked[name.lower().replace("_", "-")] = version
+    return locked
+
+
+LOCKED = read_lock()
+PODMAN_RUN_BASE = [
+    "podman",
+    "run",
+    "--rm",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+]
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail where CI requires every integration test to run."""
+    if os.environ.get("PCAM_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(f"{reason} (PCAM_REQUIRE_INTEGRATION=1: integration tests must run)")
+    pytest.skip(reason)
+
+
+def run(
+    cmd: list[str], *, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure, fail with its output (the tail of it)."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr)[-6000:]
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{out}")
+    return proc
+
+
+def podman_run(*args: str) -> list[str]:
+    runtime = ["--runtime", "runc"] if shutil.which("runc") else []
+    return [*PODMAN_RUN_BASE, *runtime, *args]
+
+
+def build_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PCAM_", "TORCH_"))}
+    env.pop("BASE_IMAGE", None)
+    env.update(extra)
+    return env
+
+
+# --- the Apptainer definition file -------------------------------------------------------------
+@dataclass(frozen=True)
+class DefFile:
+    header: dict[str, str]
+    sections: dict[str, str]
+
+
+def parse_def(text: str) -> DefFile:
+    """Parse an Apptainer definition file: `Key: value` header lines, then `%section` bodies."""
+    header: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = re.match(r"^%(\w+)\s*$", line)
+        if match:
+            current = match.group(1)
+            assert current in VALID_DEF_SECTIONS, f"apptainer.def:{number}: unknown %{current}"
+            assert current not in sections, f"apptainer.def:{number}: %{current} given twice"
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+        elif line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition(":")
+            assert sep and key.strip(), f"apptainer.def:{number}: not a `Key: value` header line"
+            header[key.strip()] = value.strip()
+    return DefFile(header, {name: "\n".join(body) for name, body in sections.items()})
+
+
+# --- session fixtures ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def podman() -> str:
+    """podman, runc and debootstrap, installed by containers/build.sh when missing."""
+    needed = ("podman", "runc", "debootstrap")
+    if not all(shutil.which(tool) for tool in needed):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            unavailable(
+                "podman/runc/debootstrap missing and cannot be installed here (needs root and "
+                "apt-get): run `containers/build.sh install-podman` as root"
+            )
+        proc = subprocess.run(
+            [str(BUILD_SH), "install-podman"], capture_output=True, text=True, timeout=900
+        )
+        if proc.returncode != 0 or not all(shutil.which(tool) for tool in needed):
+            unavailable(
+                "containers/build.sh install-podman failed:\n" + (proc.stdout + proc.stderr)[-3000:]
+            )
+    proc = subprocess.run(["podman", "info"], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        unavailable(f"podman is installed but `podman info` fails: {proc.stderr[-2000:]}")
+    return shutil.which("podman") or "podman"
+
+
+@pytest.fixture(scope="session")
+def base_image(podman: str) -> str:
+    name = os.environ.get("PCAM_TEST_BASE_IMAGE", DEFAULT_BASE)
+    exists = subprocess.run(["podman", "image", "exists", name], timeout=60).returncode == 0
+    if not exists:
+        if name != DEFAULT_BASE:
+            pytest.fail(f"PCAM_TEST_BASE_IMAGE={name} is not in podman's image store")
+        run([str(BUILD_SH), "base"], timeout=900, env=build_env())
+    return name
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    name: str
+    seconds: float
+    size_bytes: int
+    inspect: dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def built_image(base_image: str) -> BuiltImage:
+    """`containers/build.sh image` (= make image) once per session, the real Dockerfile."""
+    env = build_env(BASE_IMAGE=base_image)
+    if os.environ.get("PCAM_TEST_CONTAINER_NO_CACHE") == "1":
+        env["PCAM_BUILD_ARGS"] = "--no-cache"
+    name = run([str(BUILD_SH), "print-image"], timeout=30, env=env).stdout.strip()
+    start = time.monotonic()
+    run([str(BUILD_SH), "image"], timeout=1800, env=env)
+    seconds = time.monotonic() - start
+    inspect = json.loads(run(["podman", "image", "inspect", name], timeout=60).stdout)[0]
+    size = int(inspect["Size"])
+    print(f"\n[test_container] built {name} in {seconds:.0f} s, {size / 1e9:.2f} GB")
+    return BuiltImage(name=name, seconds=seconds, size_bytes=size, inspect=inspect)
+
+
+def copy_worktree(src: Path, dst: Path) -> None:
+    """Copy git's tracked and untracked-but-not-ignored files of src into dst."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=src,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        rel = raw.decode()
+        source = src / rel
+        if not source.is_file():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def host_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def host_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository whose pipeline ran on the host: `pipeline_repo` if conftest provides it."""
+    try:
+        return Path(request.getfixturevalue("pipeline_repo"))
+    except pytest.FixtureLookupError:
+        pass
+    repo = tmp_path_factory.mktemp("container-host-repo")
+    copy_worktree(REPO_ROOT, repo)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", "init", "-q", "-b", "main"], cwd=repo, timeout=60)
+    run([*git, "add", "-A"], cwd=repo, timeout=60)
+    run([*git, "commit", "-q", "-m", "copy"], cwd=repo, timeout=60)
+    run(["dvc", "repro", "--force"], cwd=repo, timeout=1800, env=host_env())
+    return repo
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    repo: Path
+    scratch: Path
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def container_run(
+    built_image: BuiltImage, host_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ContainerRun]:
+    """`dvc repro --force` in the image on a fresh clone (no outputs, no cache) of host_repo.
+
+    Like the Apptainer recipe: the clone and a scratch folder are bound at their host paths, TMPDIR
+    points into scratch, the root file system is read-only, no network, and the uid owns neither
+    the image's home nor the repository (which is root's, but writable for all).
+    """
+    top = tmp_path_factory.mktemp("container-run")
+    repo, scratch = top / "repo", top / "scratch"
+    run(["git", "clone", "-q", "--no-hardlinks", str(host_repo), str(repo)], timeout=120)
+    (scratch / "tmp").mkdir(parents=True)
+    for path in (repo, scratch):
+        run(["chmod", "-R", "a+rwX", str(path)], timeout=120)
+    start = time.monotonic()
+    run(
+        podman_run(
+            "--read-only",
+            "--network",
+            "none",
+            "--user",
+            RUN_UID,
+            "--volume",
+            f"{repo}:{repo}",
+            "--volume",
+            f"{scratch}:{scratch}",
+            "--env",
+            f"TMPDIR={scratch}/tmp",
+            "--workdir",
+            str(repo),
+            built_image.name,
+            "dvc",
+            "repro",
+            "--force",
+        ),
+        timeout=1800,
+    )
+    seconds = time.monotonic() - start
+    print(f"\n[test_container] dvc repro --force in the image: {seconds:.0f} s")
+    yield ContainerRun(repo=repo, scratch=scratch, seconds=seconds)
+    # Files written by uid 4242 in tmp dirs: pytest's tmp cleanup copes, but free the space now.
+    shutil.rmtree(top, ignore_errors=True)
+
+
+# --- helpers for comparing runs ------------------------------------------------------------------
+def lock_outs(repo: Path) -> dict[str, dict[str, Any]]:
+    """stage -> {out path: {md5, size, nfiles}} from dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {
+        stage: {
+            out["path"]: {k: out.get(k) for k in ("md5", "size", "nfiles")}
+            for out in data.get("outs", [])
+        }
+        for stage, data in lock["stages"].items()
+    }
+
+
+def checkpoint_diffs(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two loaded checkpoints differ; tensors must be bit-identical."""
+    import torch
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        diffs = [f"{path}/{k}: only in one" for k in sorted(map(str, set(a) ^ set(b)))]
+        for key in set(a) & set(b):
+            diffs += checkpoint_diffs(a[key], b[key], f"{path}/{key}")
+        return diffs
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} != {len(b)}"]
+        pairs = zip(a, b, strict=True)
+        return [d for i, (x, y) in enumerate(pairs) for d in checkpoint_diffs(x, y, f"{path}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [f"{path}: tensors differ"]
+    return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} != {b!r}"]
+
+
+def compare_checkpoints(host: Path, inside: Path) -> list[str]:
+    import torch
+
+    a = torch.load(host, map_location="cpu", weights_only=True)
+    b = torch.load(inside, map_location="cpu", weights_only=True)
+    for ckpt in (a, b):
+        python = ckpt.get("provenance", {}).get("versions", {}).pop("python", "3.11")
+        assert python.startswith("3.11"), f"{host.name}: made by Python {python}"
+    return checkpoint_diffs(a, b)
+
+
+def numbers_close(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two JSON documents differ (numbers within 1e-9 relative count as equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        diffs = [f"{path}/{k}: only in one" for k in sorted(set(a) ^ set(b))]
+        for key in sorted(set(a) & set(b)):
+            diffs += numbers_close(a[key], b[key], f"{path}/{key}")
+        return diffs
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} != {len(b)}"]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in numbers_close(x, y, f"{path}[{i}]")
+        ]
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return [] if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+# --- tests: the image ----------------------------------------------------------------------------
+@pytest.mark.heavy
+def test_image_installs_exactly_the_lock(built_image: BuiltImage) -> None:
+    """The image's Python environment is requirements.lock, the same as `make setup`'s .venv."""
+    proc = run(podman_run("--entrypoint", "pip", built_image.name, "freeze"), timeout=300)
+    frozen = {}
+    for line in proc.stdout.splitlines():
+        name, sep, version = line.partition("==")
+        if sep:
+            frozen[name.lower().replace("_", "-")] = version
+        else:
+            assert " @ " not in line or line.startswith("pcam-pipeline"), line
+    locked = dict(LOCKED)
+    frozen.pop("pcam-pipeline", None)
+    # The CPU variant carries a local version label (2.13.0+cpu) for the same release.
+    assert frozen.pop("torch").split("+")[0] == locked.pop("torch")
+    assert frozen == locked
+
+
+@pytest.mark.heavy
+def test_image_metadata(built_image: BuiltImage) -> None:
+    """OCI labels (commit, version); non-root user; PYTHONNOUSERSITE; no host pip config kept."""
+    config = built_image.inspect["Config"]
+    labels = config.get("Labels") or {}
+    version = re.search(r'^version = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    assert labels["org.opencontainers.image.version"] == version.group(1)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    revision = labels["org.opencontainers.image.revision"]
+    assert revision.removesuffix("-dirty") == (head or "unknown"), revision
+    assert labels["org.opencontainers.image.title"] == "pcam-pipeline"
+    assert config["User"] not in ("", "root", "0")
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["PYTHONNOUSERSITE"] == "1"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    # The build bound this machine's pip.conf, CA bundle and wheel folders: nothing of it stays.
+    proc = run(
+        podman_run(
+            "--entrypoint",
+            "/bin/sh",
+            built_image.name,
+            "-c",
+            "pip config list; find /run/pcam-build -mindepth 1; "
+            "test ! -e /etc/pip.conf && echo clean",
+        ),
+        timeout=300,
+    )
+    assert proc.stdout.strip() == "clean"
+
+
+# --- tests: the pipeline inside the image --------------------------------------------------------
+@pytest.mark.heavy
+def test_dvc_repro_in_container_matches_host(host_repo: Path, container_run: ContainerRun) -> None:
+    """Same dvc.lock hashes for the deterministic stages, same metrics, as the host run."""
+    host, inside = lock_outs(host_repo), lock_outs(container_run.repo)
+    assert set(inside) == set(host), "the container ran a different set of stages"
+    for stage in DETERMINISTIC_STAGES:
+        assert set(inside[stage]) == set(host[stage]), f"stage {stage}: different outputs"
+        for out, digest in host[stage].items():
+            if out.endswith(".pt") and inside[stage][out]["md5"] != digest["md5"]:
+                diffs = compare_checkpoints(host_repo / out, container_run.repo / out)
+                assert not diffs, f"{out} differs from the host run's: {diffs[:10]}"
+            else:
+                assert inside[stage][out] == digest, f"stage {stage}: {out} differs from the host's"
+    assert set(inside["benchmark"]) == set(host["benchmark"])
+    for metrics in ("reports/metrics.json", "dvclive/train/metrics.json"):
+        diffs = numbers_close(
+            json.loads((host_repo / metrics).read_text()),
+            json.loads((container_run.repo / metrics).read_text()),
+        )
+        assert not diffs, f"{metrics} differs from the host run: {diffs[:10]}"
+    # What the container wrote went where the image's environment says, as the non-root uid.
+    tmp = container_run.scratch / "tmp"
+    assert (tmp / "pcam-dvc-site-cache-4242").is_dir(), sorted(p.name for p in tmp.iterdir())
+    assert (tmp / "pcam-home-4242").is_dir()
+    litter = [p.name for p in container_run.repo.iterdir() if p.name in (".cache", ".config")]
+    assert not litter, f"HOME was the checkout: {litter} written into it"
+    assert (container_run.repo / "models" / "best.pt").stat().st_uid == 4242
+    # The host's dvc agrees that the container left every stage's outputs matching dvc.lock.
+    stages = sorted(inside)
+    status = run(
+        ["dvc", "status", "--json", *stages], cwd=container_run.repo, timeout=300, env=host_env()
+    )
+    assert json.loads(status.stdout) == {}, status.stdout
+
+
+@pytest.mark.heavy
+def test_container_runs_the_bound_checkouts_code(
+    built_image: BuiltImage, container_run: ContainerRun
+) -> None:
+    """In a checkout, `pcam` imports the checkout's src/ (what dvc.lock hashes), not the image's."""
+    repo = container_run.repo
+    code = "import pcam_pipeline; print(pcam_pipeline.__file__)"
+    args = ["--user", RUN_UID, "--volume", f"{repo}:{repo}:ro", "--workdir"]
+    inside = run(
+        podman_run(*args, str(repo / "src"), built_image.name, "python", "-c", code), timeout=300
+    )
+    assert inside.stdout.strip() == str(repo / "src" / "pcam_pipeline" / "__init__.py")
+    outside = run(podman_run(*args, "/", built_image.name, "python", "-c", code), timeout=300)
+    assert outside.stdout.strip().startswith("/opt/venv/lib/python3.11/site-packages/")
+
+
+# --- tests: the Apptainer definition, as far as it goes without Apptainer ------------------------
+@pytest.fixture(scope="module")
+def def_file() -> DefFile:
+    return parse_def(DEF_FILE.read_text())
+
+
+@pytest.mark.heavy
+def test_def_file_parses_and_reads_the_saved_image(
+    def_file: DefFile, built_image: BuiltImage, tmp_path: Path
+) -> None:
+    assert def_file.header["Bootstrap"] == "docker-archive"
+    for section in ("labels", "environment", "test", "runscript", "help"):
+        assert def_file.sections.get(section, "").strip(), f"%{section} missing or empty"
+    for section in ("environment", "test", "runscript"):
+        check = subprocess.run(["sh", "-n"], input=def_file.sections[section], text=True)
+        assert check.returncode == 0, f"%{section} is not valid sh"
+    label_lines = [line for line in def_file.sections["labels"].splitlines() if line.strip()]
+    for line in label_lines:
+        assert re.match(r"^\s+[\w.-]+\s+\S", line), f"%labels: bad line {line!r}"
+    labels = dict(line.split(None, 1) for line in label_lines)
+    assert labels["org.opencontainers.image.title"] == "pcam-pipeline"
+    # `From:` is the archive that `containers/build.sh save` (make sif) writes ...
+    archive_default = run(
+        [str(BUILD_SH), "print-archive"], timeout=30, env=build_env()
+    ).stdout.strip()
+    assert def_file.header["From"] == archive_default == "build/pcam-pipeline.tar"
+    # ... from the image the Dockerfile builds: save it (elsewhere) and read the archive's manifest.
+    archive = tmp_path / "pcam-pipeline.tar"
+    run([str(BUILD_SH), "save"], timeout=900, env=build_env(PCAM_ARCHIVE=str(archive)))
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        manifest = json.load(member)
+        config_member = tar.extractfile(manifest[0]["Config"])
+        assert config_member is not None
+        config = json.load(config_member)
+    archive.unlink()
+    assert manifest[0]["RepoTags"] == [f"localhost/{built_image.name}"]
+    assert config["config"]["Labels"] == built_image.inspect["Config"]["Labels"]
+    assert labels["io.github.pcam-pipeline.image"] == built_image.name.split(":")[0]
+
+
+@pytest.mark.heavy
+def test_def_file_test_and_runscript_run_in_the_image(
+    def_file: DefFile, built_image: BuiltImage, tmp_path: Path
+) -> None:
+    """%environment, then %test (as `apptainer test` does), as a non-root uid, read-only root."""
+    tmp_path.chmod(0o755)  # readable by the container's uid
+    script = tmp_path / "apptainer-test.sh"
+    script.write_text(def_file.sections["environment"] + "\n" + def_file.sections["test"] + "\n")
+    runscript = tmp_path / "runscript.sh"
+    runscript.write_text(def_file.sections["environment"] + "\n" + def_file.sections["runscript"])
+    common = [
+        "--read-only",
+        "--network",
+        "none",
+        "--user",
+        RUN_UID,
+        "--volume",
+        f"{tmp_path}:/def:ro",
+        "--entrypoint",
+        "/bin/sh",
+        built_image.name,
+    ]
+    proc = run(podman_run(*common, "-e", "/def/apptainer-test.sh"), timeout=600)
+    assert "pcam-pipeline container self-test passed" in proc.stdout
+    assert f"torch {LOCKED['torch']}+cpu" in proc.stdout
+    # %runscript: arguments are a command; none shows pcam's help.
+    proc = run(podman_run(*common, "/def/runscript.sh", "dvc", "--version"), timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == LOCKED["dvc"]
+    proc = run(podman_run(*common, "/def/runscript.sh"), timeout=300)
+    assert "usage: pcam" in proc.stdout.lower()
+
+
+# --- tests: build context and the entry script ---------------------------------------------------
+@pytest.mark.heavy
+def test_dockerignore_keeps_data_caches_and_venv_out(base_image: str, tmp_path: Path) -> None:
+    """The build context (podman applies .dockerignore) holds only what the image needs."""
+    context = tmp_path / "context"
+    present = [
+        "requirements.lock", "pyproject.toml", "README.md", "src/pcam_pipeline/__init__.py",
+        "src/pcam_pipeline/data/synthetic.py", "containers/entrypoint.sh",
+    ]  # fmt: skip
+    absent = [
+        "data/pcam/x.h5", "data/processed/train.h5", "models/best.pt", "reports/metrics.json",
+        ".venv/bin/python", ".dvc/cache/files/md5/ab/cdef", ".dvc/tmp/lock", "logs/run.log",
+        "pcam.sif", "build/pcam-pipeline.tar", "dvclive/train/metrics.json", ".git/HEAD",
+        "src/pcam_pipeline/__pycache__/cli.cpython-311.pyc", "tests/test_x.py",
+    ]  # fmt: skip
+    for rel in present + absent:
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        (context / rel).write_text("x")
+    shutil.copy(REPO_ROOT / ".dockerignore", context / ".dockerignore")
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(f"FROM {base_image}\nCOPY . /ctx\n")
+    tag = "localhost/pcam-dockerignore-test:latest"
+    run(
+        [
+            "podman",
+            "build",
+            "--isolation",
+            "chroot",
+            "-q",
+            "-f",
+            str(dockerfile),
+            "-t",
+            tag,
+            str(context),
+        ],
+        timeout=600,
+    )
+    try:
+        listing = run(
+            podman_run("--entrypoint", "find", tag, "/ctx", "-type", "f"), timeout=300
+        ).stdout.split()
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, timeout=120)
+    got = {path.removeprefix("/ctx/") for path in listing}
+    assert got == set(present)
+
+
+def _tool_dir(tmp_path: Path, fake: dict[str, str]) -> dict[str, str]:
+    """A PATH with bash and coreutils only (plus fakes): no docker, podman or apptainer."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "sed", "head", "cat", "git", "mkdir", "du", "cut", "rm"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    for name, body in fake.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return build_env(PATH=str(bin_dir))
+
+
+@pytest.mark.parametrize(
+    ("fake", "command", "message"),
+    [
+        ({}, "image", "neither docker nor podman is installed"),
+        ({"docker": "exit 1"}, "image", "no running Docker daemon"),
+        ({}, "sif", "apptainer is not installed"),
+        ({"apptainer": "exit 0"}, "sif", "no docker or podman to save the image"),
+    ],
+)
+def test_build_script_names_the_missing_tool(
+    tmp_path: Path, fake: dict[str, str], command: str, message: str
+) -> None:
+    env = _tool_dir(tmp_path, fake)
+    env["PCAM_ARCHIVE"] = str(tmp_path / "absent.tar")
+    proc = subprocess.run(
+        [str(BUILD_SH), command], env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert message in proc.stderr, proc.stderr

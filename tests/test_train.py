@@ -1,0 +1,427 @@
+"""train: bit-identical twin runs, kill-and-resume equality, checkpoints, best selection, models."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pcam_pipeline.models import CNN, MLP, build_model
+from pcam_pipeline.params import TrainParams
+from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted, StopFlag
+from pcam_pipeline.repro import load_checkpoint, md5_file, save_checkpoint
+from pcam_pipeline.stages import train
+from tests.conftest import REPO_ROOT
+from tests.tiny_pipeline import (
+    pcam,
+    run_pcam,
+    small_run_params,
+    tiny_data,
+    train_in,
+    trained_run,
+    tree_bytes,
+    workdir,
+    write_params_file,
+)
+
+__all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
+
+METRICS = (
+    "grad_norm",
+    "lr",
+    "train_accuracy",
+    "train_loss",
+    "val_accuracy",
+    "val_auroc",
+    "val_loss",
+)
+OUTPUT_FILES = sorted(
+    [
+        "models/best.pt",
+        "models/last.pt",
+        "dvclive/train/metrics.json",
+        *(f"dvclive/train/plots/metrics/{name}.tsv" for name in METRICS),
+    ]
+)
+
+
+def outputs(run: Path) -> dict[str, bytes]:
+    """The train stage's outputs (what dvc.yaml declares) by relative path."""
+    return {
+        f"{top}/{name}": data
+        for top in ("models", "dvclive")
+        for name, data in tree_bytes(run / top).items()
+    }
+
+
+def assert_same_bytes(first: dict[str, bytes], second: dict[str, bytes]) -> None:
+    assert sorted(first) == sorted(second) == OUTPUT_FILES
+    differing = [name for name in first if first[name] != second[name]]
+    assert not differing, f"these outputs differ between the two runs: {differing}"
+
+
+# --- bit-identical runs -------------------------------------------------------------------------
+
+
+def test_twin_runs_are_bit_identical(trained_run, tiny_data, tmp_path):
+    # The twin reads a staged copy (PCAM_TRAIN_DATA_DIR elsewhere, as on a Slurm node): the same
+    # files at another path must not change a single byte of the checkpoints or the logs.
+    staged = shutil.copytree(tiny_data, tmp_path / "node-local" / "processed")
+    twin = train_in(tmp_path / "twin", staged)
+    assert_same_bytes(outputs(trained_run), outputs(twin))
+    # ...and the run did train: the weights moved away from the seeded initialisation.
+    torch.manual_seed(small_run_params().train.seed)
+    initial = build_model(small_run_params().train).state_dict()
+    final = load_checkpoint(twin / "models" / "last.pt")["model"]
+    assert not torch.equal(initial["head.1.weight"], final["head.1.weight"])
+
+
+# --- kill and resume ----------------------------------------------------------------------------
+
+STOP_AT = "epoch 2 batch 3/8 "  # debug line after the 3rd of 8 batches of the 2nd (last) epoch
+
+
+def run_until_stopped(run: Path, data: Path, sig: signal.Signals) -> tuple[int, str]:
+    """`pcam -v train`, sent `sig` once its log shows the 3rd batch of epoch 2 is done."""
+    process = pcam(["-v", "train"], run, data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    lines, sent = [], False
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if not sent and STOP_AT in line:
+                process.send_signal(sig)
+                sent = True
+        process.wait()
+    finally:
+        watchdog.cancel()
+    log = "".join(lines)
+    assert sent, f"never saw {STOP_AT!r} in the log:\n{log[-4000:]}"
+    return process.returncode, log
+
+
+def assert_saved_mid_epoch(run: Path, first_batch: int) -> int:
+    saved = load_checkpoint(run / "models" / "last.pt")["progress"]
+    assert saved["epoch"] == 1, "stopped during the second epoch"
+    assert first_batch <= saved["batch"] < 8, f"saved mid-epoch, after the batch in flight: {saved}"
+    assert not saved["complete"]
+    assert len(saved["history"]) == 1
+    assert saved["sums"]["steps"] == saved["batch"]
+    return saved["batch"]
+
+
+def test_preempted_process_exits_75_and_resumes_to_identical_outputs(
+    trained_run, tiny_data, tmp_path
+):
+    # `pcam train` as Slurm runs it: SIGUSR1 mid-epoch, exit 75, then the same command again.
+    # trained_run is the uninterrupted run of the same params (written to params.yaml here).
+    write_params_file(tmp_path)
+    code, log = run_until_stopped(tmp_path, tiny_data, signal.SIGUSR1)
+    assert code == EXIT_PREEMPTED, log[-4000:]
+    assert "preempted: stopped by SIGUSR1 at epoch 2" in log
+    batch = assert_saved_mid_epoch(tmp_path, 3)
+
+    resumed = run_pcam(["train"], tmp_path, tiny_data)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"resuming from models/last.pt at epoch 2, batch {batch}" in resumed.stdout
+    assert_same_bytes(outputs(trained_run), outputs(tmp_path))
+
+
+def test_sigterm_mid_batch_stops_after_it_and_resumes_identically(
+    trained_run, tiny_data, tmp_path, monkeypatch
+):
+    augment, calls = train.augment, []
+
+    def augment_then_sigterm(*args, **kwargs):  # called once per batch, before the forward pass
+        calls.append(1)
+        if len(calls) == 8 + 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(train, "augment", augment_then_sigterm)
+    with pytest.raises(Preempted, match="stopped by SIGTERM at epoch 2, batch 3;"):
+        train_in(tmp_path, tiny_data)
+    assert assert_saved_mid_epoch(tmp_path, 3) == 3, "the batch in flight is finished, no more"
+    monkeypatch.undo()
+    train_in(tmp_path, tiny_data)
+    assert_same_bytes(outputs(trained_run), outputs(tmp_path))
+
+
+def test_resume_only_matching_unfinished_checkpoints(trained_run, tmp_path):
+    finished = load_checkpoint(trained_run / "models" / "last.pt")
+    assert finished["progress"]["complete"]
+    expected = finished["fingerprint"]
+    path = tmp_path / "last.pt"
+
+    save_checkpoint(path, finished)
+    assert train.try_resume(path, expected) is None, "a finished run starts afresh"
+    unfinished = {**finished, "progress": {**finished["progress"], "complete": False}}
+    save_checkpoint(path, unfinished)
+    assert train.try_resume(path, expected) is not None
+    assert train.try_resume(path, "0" * 64) is None, "other params or data start afresh"
+    save_checkpoint(path, {**unfinished, "format": train.CHECKPOINT_FORMAT + 1})
+    assert train.try_resume(path, expected) is None, "another checkpoint format starts afresh"
+    assert train.try_resume(tmp_path / "absent.pt", expected) is None
+
+
+def test_fingerprint_covers_train_params_data_and_order():
+    params, data = small_run_params(), {"train.h5": "a" * 32}
+    base = train.fingerprint(params, data, "memory")
+    assert base == train.fingerprint(small_run_params(), dict(data), "memory")
+    assert base != train.fingerprint(small_run_params(train={"lr": 0.001}), data, "memory")
+    assert base != train.fingerprint(params, {"train.h5": "b" * 32}, "memory")
+    assert base != train.fingerprint(params, data, "stream:512")
+    # evaluate-only params do not invalidate a half-finished training run
+    assert base == train.fingerprint(small_run_params(evaluate={"n_slices": 8}), data, "memory")
+
+
+def test_streamed_and_in_memory_runs_do_not_resume_each_other(tiny_data, tmp_path):
+    # The two visit the train split in different orders; which one a run gets depends on the
+    # memory available, so a checkpoint only resumes into the same one.
+    with workdir(tmp_path, tiny_data):
+        in_memory = train.Trainer(small_run_params())
+        streamed = train.Trainer(small_run_params(loader={"in_memory": False}))
+    assert (in_memory.order, streamed.order) == ("memory", "stream:512")
+    assert in_memory.fingerprint != streamed.fingerprint
+
+
+def test_stop_flag_catches_both_signals_and_restores_handlers():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        with StopFlag() as stop:
+            os.kill(os.getpid(), sig)
+            assert stop.signal == sig
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def test_checkpoints_record_params_data_versions_and_rng(trained_run, tiny_data):
+    params = small_run_params()
+    stats = json.loads((tiny_data / "stats.json").read_text())
+    for name in ("best.pt", "last.pt"):
+        checkpoint = load_checkpoint(trained_run / "models" / name)
+        assert checkpoint["format"] == train.CHECKPOINT_FORMAT
+        assert checkpoint["params"] == params.as_dict()
+        assert checkpoint["data_order"] == "memory"
+        provenance = checkpoint["provenance"]
+        assert provenance["data_md5"] == {
+            f: md5_file(tiny_data / f) for f in ("stats.json", "train.h5", "valid.h5")
+        }
+        assert "git_commit" in provenance  # None here: the run's directory is no git repository
+        assert provenance["device"] == "cpu"
+        assert provenance["torch_threads"] == torch.get_num_threads()
+        versions = provenance["versions"]
+        assert versions["torch"] == torch.__version__
+        assert versions["numpy"] == np.__version__
+        assert {"python", "h5py", "dvc"} <= set(versions)
+        rng = checkpoint["rng"]
+        assert rng["torch"].dtype == torch.uint8
+        assert rng["numpy"]["key"].shape == (624,)
+        assert len(rng["python"]["state"]) == 625
+        assert checkpoint["normalisation"] == {
+            "mean": pytest.approx(stats["mean"]),
+            "std": pytest.approx(stats["std"]),
+        }
+        model = build_model(params.train)
+        model.load_state_dict(checkpoint["model"])  # strict: exactly this architecture
+        assert isinstance(model, CNN)
+    last = load_checkpoint(trained_run / "models" / "last.pt")["progress"]
+    assert last["complete"] and last["epoch"] == params.train.epochs
+    assert len(last["history"]) == params.train.epochs
+
+
+def test_checkpoint_records_the_git_commit(tiny_data, tmp_path):
+    git = ["git", "-c", "user.name=pcam-tests", "-c", "user.email=tests@pcam.invalid"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "code"], cwd=tmp_path, check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    with workdir(tmp_path, tiny_data):
+        checkpoint = train.Trainer(small_run_params()).checkpoint()
+    assert checkpoint["provenance"]["git_commit"] == head
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.normal()  # leaves a cached gaussian and a mid-stream position behind
+    save_checkpoint(tmp_path / "rng.pt", {"rng": train.rng_state()})
+
+    def draws() -> tuple:
+        return torch.rand(3).tolist(), np.random.normal(size=3).tolist(), random.random()
+
+    expected = draws()
+    draws()
+    train.set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draws() == expected
+
+
+class CodeInPickle:
+    """Unpickling this runs a shell command: what a tampered checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_loading_refuses_a_pickle_with_code(tmp_path):
+    # The payload is live: an unrestricted load does run it.
+    proof = tmp_path / "unsafe-load-ran"
+    torch.save({"model": CodeInPickle(proof)}, tmp_path / "proof.pt")
+    torch.load(tmp_path / "proof.pt", weights_only=False)
+    assert proof.exists()
+
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": CodeInPickle(marker), "format": 1}, tmp_path / "evil.pt")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"model": CodeInPickle(marker)}, protocol=2))
+    for name in ("evil.pt", "evil.pkl"):  # torch's zip format and a bare legacy pickle
+        with pytest.raises(ValueError, match="refused to load"):
+            load_checkpoint(tmp_path / name)
+        with pytest.raises(ValueError, match="refused to load"):
+            train.try_resume(tmp_path / name, "any")
+    assert not marker.exists(), "the checkpoint's code ran"
+
+
+# --- logging and best selection -----------------------------------------------------------------
+
+
+def test_dvclive_logs_every_epoch_without_timestamps(trained_run):
+    history = load_checkpoint(trained_run / "models" / "last.pt")["progress"]["history"]
+    plots = trained_run / "dvclive" / "train" / "plots" / "metrics"
+    assert sorted(p.stem for p in plots.glob("*.tsv")) == sorted(METRICS)
+    for name in METRICS:
+        header, *rows = (plots / f"{name}.tsv").read_text().splitlines()
+        assert header == f"step\t{name}", "only step and value: no timestamp column"
+        steps, values = zip(*(row.split("\t") for row in rows), strict=True)
+        assert [int(s) for s in steps] == list(range(len(history)))
+        assert [float(v) for v in values] == [row[name] for row in history]
+    summary = json.loads((trained_run / "dvclive" / "train" / "metrics.json").read_text())
+    assert summary == {"step": len(history) - 1, **{k: history[-1][k] for k in METRICS}}
+    # every train plot dvc.yaml declares is a file the stage writes
+    declared = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["plots"]
+    paths = {
+        path
+        for plot in declared
+        if isinstance(plot, dict)
+        for spec in plot.values()
+        for path in (spec.get("y") or {})
+        if path.startswith("dvclive/train/")
+    }
+    assert paths and all((trained_run / path).is_file() for path in paths)
+
+
+SCRIPTED = [  # validation results of three epochs: each metric prefers a different epoch
+    {"val_auroc": 0.95, "val_loss": 0.60, "val_accuracy": 0.70},
+    {"val_auroc": 0.90, "val_loss": 0.30, "val_accuracy": 0.75},
+    {"val_auroc": 0.85, "val_loss": 0.40, "val_accuracy": 0.80},
+]
+
+
+@pytest.mark.parametrize(
+    ("metric", "best_epoch"), [("val_auroc", 1), ("val_loss", 2), ("val_accuracy", 3)]
+)
+def test_best_checkpoint_is_chosen_by_select_metric(
+    metric, best_epoch, tiny_data, tmp_path, monkeypatch
+):
+    def scripted_epoch(self, stop) -> None:
+        # stand-in for training: every weight becomes the epoch number, to tell epochs apart
+        with torch.no_grad():
+            for parameter in self.model.parameters():
+                parameter.fill_(self.progress.epoch + 1)
+        self.progress.sums = {
+            "loss": 1.0,
+            "correct": 1.0,
+            "seen": 2.0,
+            "grad_norm": 1.0,
+            "steps": 1.0,
+        }
+        self.progress.batch = self.steps_per_epoch
+
+    results = iter(SCRIPTED)
+    monkeypatch.setattr(train.Trainer, "train_epoch", scripted_epoch)
+    monkeypatch.setattr(train, "evaluate_split", lambda *args: dict(next(results)))
+    params = small_run_params(train={"model": "mlp", "epochs": 3, "select_metric": metric})
+    train_in(tmp_path, tiny_data, params)
+
+    best = load_checkpoint(tmp_path / "models" / "best.pt")
+    assert best["progress"]["best_epoch"] == best_epoch
+    assert best["progress"]["best_value"] == SCRIPTED[best_epoch - 1][metric]
+    assert all(bool((t == best_epoch).all()) for t in best["model"].values())
+    last = load_checkpoint(tmp_path / "models" / "last.pt")
+    assert all(bool((t == 3).all()) for t in last["model"].values())
+
+
+def test_signal_between_epochs_stops_before_the_next_one(tiny_data, tmp_path, monkeypatch):
+    def quick_epoch(self, stop) -> None:  # stand-in for training, as above
+        self.progress.sums = {
+            "loss": 1.0,
+            "correct": 1.0,
+            "seen": 2.0,
+            "grad_norm": 1.0,
+            "steps": 1.0,
+        }
+        self.progress.batch = self.steps_per_epoch
+
+    def validate_then_sigusr1(*args):  # the signal lands while epoch 1 is being validated
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return dict(SCRIPTED[0])
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", quick_epoch)
+    monkeypatch.setattr(train, "evaluate_split", validate_then_sigusr1)
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 before epoch 2;"):
+        train_in(tmp_path, tiny_data, small_run_params(train={"model": "mlp", "epochs": 3}))
+    saved = load_checkpoint(tmp_path / "models" / "last.pt")["progress"]
+    assert (saved["epoch"], saved["batch"], len(saved["history"])) == (1, 0, 1)
+
+
+def test_is_better_direction_and_nan():
+    assert train.is_better("val_loss", 0.2, 0.3) and not train.is_better("val_loss", 0.4, 0.3)
+    assert train.is_better("val_auroc", 0.9, 0.8) and not train.is_better("val_auroc", 0.7, 0.8)
+    assert train.is_better("val_auroc", 0.5, None)
+    assert not train.is_better("val_auroc", math.nan, None), "NaN never becomes best"
+    assert train.is_better("val_auroc", 0.5, math.nan)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def test_mlp_trains(tiny_data, tmp_path):
+    params = small_run_params(train={"model": "mlp"})
+    train_in(tmp_path, tiny_data, params)
+    best = load_checkpoint(tmp_path / "models" / "best.pt")
+    assert best["params"]["train"]["model"] == "mlp"
+    model = build_model(TrainParams.model_validate(best["params"]["train"]))
+    assert isinstance(model, MLP)
+    model.load_state_dict(best["model"])
+    history = load_checkpoint(tmp_path / "models" / "last.pt")["progress"]["history"]
+    assert len(history) == params.train.epochs
+    assert all(math.isfinite(row[name]) for row in history for name in METRICS)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(row["val_auroc"] for row in history) > 0.8, "the MLP learns the synthetic signal"
+    assert best["progress"]["best_value"] == max(row["val_auroc"] for row in history)
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_models_map_patches_to_one_logit(model):
+    net = build_model(small_run_params(train={"model": model}).train)
+    assert net(torch.zeros(5, 3, 96, 96)).shape == (5,)

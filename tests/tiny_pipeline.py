@@ -1,0 +1,149 @@
+"""Helpers for the train / evaluate / predict tests: a tiny processed dataset and small params.
+
+The dataset is made with the project's own code (the synthetic generator, `ProcessedWriter`
+and the preprocess stage's channel statistics), so the tests exercise the real file layout.
+Imported (`from tests.tiny_pipeline import ...`) by tests/test_train.py, tests/test_evaluate.py
+and tests/test_predict.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
+from pcam_pipeline.data.synthetic import generate_split
+from pcam_pipeline.params import Params, parse_params
+from pcam_pipeline.repro import write_json
+from pcam_pipeline.stages.preprocess import STATS_FILE, ChannelStats
+from tests.conftest import REPO_ROOT, merge
+
+SIZES = {"train": 256, "valid": 64, "test": 64}
+
+# Small enough for a 2-core CI runner, big enough for several batches per epoch.
+SMALL_TRAIN: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 32,
+    "lr": 0.003,
+    "cnn": {"channels": [8, 16], "dropout": 0.2},
+    "mlp": {"hidden_sizes": [32], "dropout": 0.2},
+    "warmup_epochs": 1,
+    "device": "cpu",
+}
+
+
+def raw_params(**sections: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml of the repository, with SMALL_TRAIN and then `sections` merged in."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return merge(merge(raw, {"train": SMALL_TRAIN}), sections)
+
+
+def small_run_params(**sections: dict[str, Any]) -> Params:
+    """Validated Params (through the project's own parser) for a small run."""
+    return parse_params(raw_params(**sections), "tests/tiny_pipeline.py")
+
+
+def write_params_file(directory: Path, **sections: dict[str, Any]) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(raw_params(**sections), sort_keys=False))
+    return path
+
+
+def write_tiny_dataset(directory: Path, sizes: dict[str, int] = SIZES, seed: int = 7) -> Path:
+    """train/valid/test.h5 + stats.json in the processed layout, from the synthetic generator."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stats = ChannelStats()
+    for split, size in sizes.items():
+        x, y = generate_split(seed, split, size, 0.5)
+        with ProcessedWriter(directory / f"{split}.h5", ProcessedLayout(64, "none")) as writer:
+            writer.append(x, y, np.arange(size))
+        if split == "train":
+            stats.update(x)
+    write_json(directory / STATS_FILE, {"from": "train", "pixels": stats.count, **stats.result()})
+    return directory
+
+
+def pcam(args: list[str], cwd: Path, data_dir: Path, **kwargs: Any) -> subprocess.Popen:
+    """Start `pcam ARGS` in `cwd` (which holds params.yaml), reading data from `data_dir`."""
+    env = {**os.environ, "PCAM_TRAIN_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pcam_pipeline.cli", *args], cwd=cwd, env=env, text=True, **kwargs
+    )
+
+
+def run_pcam(
+    args: list[str], cwd: Path, data_dir: Path, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    process = pcam(args, cwd, data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, None)
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory`, by relative path: for byte-for-byte comparisons."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@contextlib.contextmanager
+def workdir(directory: Path, data_dir: Path) -> Iterator[Path]:
+    """Run a stage in-process as `dvc repro` would: cwd = `directory`, data from `data_dir`.
+
+    Restores the cwd, the environment variable and torch's deterministic-algorithms switch
+    (which train turns on) afterwards, so other tests in the session see what they expect.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    previous_env = os.environ.get("PCAM_TRAIN_DATA_DIR")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    os.environ["PCAM_TRAIN_DATA_DIR"] = str(data_dir)
+    try:
+        with contextlib.chdir(directory):
+            yield directory
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if previous_env is None:
+            os.environ.pop("PCAM_TRAIN_DATA_DIR", None)
+        else:
+            os.environ["PCAM_TRAIN_DATA_DIR"] = previous_env
+
+
+def train_in(directory: Path, data_dir: Path, params: Params | None = None) -> Path:
+    from pcam_pipeline.stages import train
+
+    with workdir(directory, data_dir):
+        train.main(params or small_run_params())
+    return directory
+
+
+# Session-wide, shared by every module that imports these fixtures (a fixture imported into
+# several modules is set up once per module, so the results are cached here).
+_CACHE: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/valid/test.h5 + stats.json: 256/64/64 synthetic patches in the processed layout."""
+    if "data" not in _CACHE:
+        _CACHE["data"] = write_tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+    return _CACHE["data"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding models/ and dvclive/train/ of one small CNN run (small_run_params())."""
+    if "run" not in _CACHE:
+        _CACHE["run"] = train_in(tmp_path_factory.mktemp("trained-run"), tiny_data)
+    return _CACHE["run"]
