@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 # steals the CPU from the thread doing the work (see README, Performance).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test test-fast lint image sif s3-up s3-down clean-venv
+.PHONY: setup run test test-fast lint image sif s3-up s3-down slurm-up slurm-down clean-venv
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,10 @@ s3-up:  ## a local S3 server (moto) on 127.0.0.1:5555, bucket pcam-dvc, to try t
 
 s3-down:  ## stop it (by its PID)
 	scripts/s3-server.sh stop --port 5555
+
+slurm-up:  ## one-node Slurm on this machine (root); then: eval "$$(slurm/local-cluster.sh env)"
+	slurm/local-cluster.sh install
+	slurm/local-cluster.sh start
+
+slurm-down:  ## stop the local Slurm
+	slurm/local-cluster.sh stop

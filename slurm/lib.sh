@@ -1,0 +1,304 @@
+# shellcheck shell=bash
+# Job-side helpers shared by slurm/*.sbatch. Sourced (never executed) from the repository that was
+# submitted from: `source "$SLURM_SUBMIT_DIR/slurm/lib.sh"`.
+#
+# Environment read here (all optional):
+#   PCAM_REPO           repository to run in (default: $SLURM_SUBMIT_DIR, i.e. where sbatch ran)
+#   PCAM_SIF            Apptainer image: run dvc inside it with `apptainer exec --nv --cleanenv`
+#   PCAM_VENV           virtual environment used without PCAM_SIF (default: <repo>/.venv)
+#   PCAM_BIND           extra comma-separated bind paths for apptainer (e.g. a dataset on GPFS)
+#   PCAM_STAGE_DATA=1   copy data/processed to node-local $TMPDIR and train/evaluate from there
+#   PCAM_MAX_REQUEUES   how often a job may requeue itself after a time-limit signal (default 20)
+#   PCAM_WORK_ROOT      where sweep/benchmark jobs make their isolated clones
+#                       (default: <repo>/.pcam-work; must be visible from every node)
+#   PCAM_KEEP_WORKDIR=1 keep those clones after success (they are always kept after a failure)
+
+PCAM_PREEMPT_EXIT=75 # `pcam train` exits with this after saving models/last.pt on SIGUSR1/SIGTERM
+
+pcam_log() { printf '[pcam-slurm %(%H:%M:%S)T] %s\n' -1 "$*"; }
+pcam_die() {
+    printf '[pcam-slurm] error: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- where and how ---------------------------------------------------------------------------------
+
+# pcam_repo_root: print the repository to run in, checked.
+pcam_repo_root() {
+    local repo=${PCAM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+    [[ -f $repo/dvc.yaml ]] || pcam_die "no dvc.yaml in '$repo': submit from the repository root (cd to it, then sbatch slurm/...), or set PCAM_REPO=/path/to/pcam-pipeline."
+    (cd "$repo" && pwd -P)
+}
+
+# pcam_runtime_init REPO: choose Apptainer (PCAM_SIF) or the venv; fail early with the fix.
+pcam_runtime_init() {
+    local repo=$1
+    PCAM_BINDS=()
+    if [[ -n ${PCAM_SIF:-} ]]; then
+        [[ -f $PCAM_SIF ]] || pcam_die "PCAM_SIF='$PCAM_SIF' does not exist: build it (see containers/) or unset PCAM_SIF to use the venv."
+        PCAM_SIF=$(cd "$(dirname "$PCAM_SIF")" && pwd -P)/$(basename "$PCAM_SIF")
+        command -v apptainer >/dev/null || pcam_die "PCAM_SIF is set but 'apptainer' is not on PATH on $(hostname): load it (e.g. 'module load apptainer') or unset PCAM_SIF."
+        PCAM_RUNTIME=apptainer
+        pcam_bind_add "$repo"
+        pcam_bind_add "${TMPDIR:-/tmp}"
+        local extra
+        IFS=, read -ra extra <<<"${PCAM_BIND:-}"
+        for p in "${extra[@]}"; do [[ -n $p ]] && pcam_bind_add "$p"; done
+    else
+        PCAM_VENV=${PCAM_VENV:-$repo/.venv}
+        [[ -x $PCAM_VENV/bin/dvc ]] || pcam_die "no dvc in '$PCAM_VENV/bin': run 'make setup' in $repo on a login node first, set PCAM_VENV to an existing environment, or set PCAM_SIF to an Apptainer image."
+        PCAM_RUNTIME=venv
+    fi
+    PCAM_CACHE=$(pcam_cache_dir "$repo") || pcam_die "'dvc cache dir' failed in $repo (see above)."
+    mkdir -p "$PCAM_CACHE" 2>/dev/null || true
+    pcam_bind_add "$PCAM_CACHE" # a cache outside the repository (GPFS project space) must be visible
+    # Torch would use every core of the node; use what Slurm gave this job.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_ON_NODE:-1}}
+    export DVC_NO_ANALYTICS=1
+}
+
+# pcam_bind_add PATH: add a host path to the apptainer bind list (deduplicated, nested paths skipped).
+pcam_bind_add() {
+    [[ ${PCAM_RUNTIME:-} == apptainer ]] || return 0
+    local p=$1 b
+    [[ -e $p ]] || return 0
+    p=$(cd "$p" 2>/dev/null && pwd -P || echo "$p")
+    for b in "${PCAM_BINDS[@]}"; do
+        [[ $p == "$b" || $p == "$b"/* ]] && return 0
+    done
+    PCAM_BINDS+=("$p")
+}
+
+# pcam_run CMD...: run a command (dvc ...) in the chosen runtime, in the current directory.
+# Environment that must reach the container is passed as APPTAINERENV_* (survives --cleanenv).
+pcam_run() {
+    if [[ ${PCAM_RUNTIME:-} == apptainer ]]; then
+        local var
+        for var in PCAM_TRAIN_DATA_DIR OMP_NUM_THREADS DVC_NO_ANALYTICS DVC_SITE_CACHE_DIR \
+            CUDA_VISIBLE_DEVICES TMPDIR; do
+            if [[ -n ${!var:-} ]]; then export "APPTAINERENV_$var=${!var}"; fi
+        done
+        local IFS=,
+        apptainer exec --nv --cleanenv --bind "${PCAM_BINDS[*]}" "$PCAM_SIF" "$@"
+    else
+        PATH=$PCAM_VENV/bin:$PATH VIRTUAL_ENV=$PCAM_VENV "$@"
+    fi
+}
+
+# pcam_cache_dir REPO: the DVC cache directory REPO uses (absolute).
+pcam_cache_dir() {
+    (cd "$1" && pcam_run dvc cache dir) | tail -n1
+}
+
+# --- what ran where ------------------------------------------------------------------------------
+
+pcam_print_env() {
+    local repo=$1
+    pcam_log "job ${SLURM_JOB_ID:-none}${SLURM_ARRAY_TASK_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})} '${SLURM_JOB_NAME:-}' restart ${SLURM_RESTART_COUNT:-0} partition ${SLURM_JOB_PARTITION:-none}"
+    echo "host:      $(hostname) ($(uname -srm))"
+    echo "cpus:      ${SLURM_CPUS_ON_NODE:-?} (OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
+    echo "gpus:      CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1 |
+            sed 's/^/           /' || true
+    else
+        echo "           (nvidia-smi not found on this host)"
+    fi
+    local commit dirty
+    commit=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo "unknown (not a git checkout?)")
+    dirty=$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null | wc -l)
+    echo "commit:    $commit$( ((dirty > 0)) && echo " (+$dirty modified tracked files)")"
+    echo "repo:      $repo"
+    if [[ $PCAM_RUNTIME == apptainer ]]; then
+        echo "image:     $PCAM_SIF sha256:$(sha256sum "$PCAM_SIF" | cut -d' ' -f1)"
+        echo "apptainer: $(apptainer --version 2>&1 | head -n1)"
+        local IFS=,
+        echo "binds:     ${PCAM_BINDS[*]}"
+    else
+        echo "image:     none (venv $PCAM_VENV, $("$PCAM_VENV/bin/python" --version 2>&1))"
+    fi
+    echo "dvc cache: $PCAM_CACHE"
+}
+
+# --- node-local data staging ---------------------------------------------------------------------
+
+# pcam_stage_data REPO: with PCAM_STAGE_DATA=1, bring data/processed up to date, copy it to
+# $TMPDIR and point PCAM_TRAIN_DATA_DIR at the copy (train/evaluate read it from there).
+pcam_stage_data() {
+    local repo=$1
+    [[ ${PCAM_STAGE_DATA:-0} == 1 ]] || return 0
+    local scratch=${TMPDIR:-/tmp}
+    [[ -d $scratch && -w $scratch ]] || pcam_die "PCAM_STAGE_DATA=1 but TMPDIR='$scratch' is not a writable directory."
+    pcam_log "staging: bringing data/processed up to date (dvc repro preprocess)"
+    (cd "$repo" && pcam_run dvc repro preprocess) || pcam_die "staging: 'dvc repro preprocess' failed (see above)."
+    PCAM_STAGED_DIR=$scratch/pcam-${SLURM_JOB_ID:-$$}/processed
+    rm -rf "$PCAM_STAGED_DIR"
+    mkdir -p "$PCAM_STAGED_DIR"
+    # --dereference: with cache.type symlink the workspace holds links into the (GPFS) cache.
+    cp -r --dereference "$repo/data/processed/." "$PCAM_STAGED_DIR/"
+    local want got
+    want=$(cd "$repo/data/processed" && find -L . -type f -printf '%P %s\n' | sort)
+    got=$(cd "$PCAM_STAGED_DIR" && find . -type f -printf '%P %s\n' | sort)
+    [[ $want == "$got" ]] || pcam_die "staging: the copy in $PCAM_STAGED_DIR differs from data/processed (disk full?)."
+    export PCAM_TRAIN_DATA_DIR=$PCAM_STAGED_DIR
+    pcam_log "staging: PCAM_TRAIN_DATA_DIR=$PCAM_STAGED_DIR ($(du -sh "$PCAM_STAGED_DIR" | cut -f1))"
+}
+
+pcam_unstage_data() {
+    if [[ -n ${PCAM_STAGED_DIR:-} ]]; then rm -rf "$(dirname "$PCAM_STAGED_DIR")"; fi
+}
+
+# --- time limits: checkpoint, requeue ------------------------------------------------------------
+
+PCAM_STOP_SIGNAL=""
+PCAM_FORWARDED=0
+
+# True when PID is the `pcam train` process (python running the pcam console script or module);
+# shells (`sh -c "pcam train"`) and dvc itself are left alone: USR1 would kill them.
+_pcam_is_train() {
+    local -a argv
+    [[ -r /proc/$1/cmdline ]] || return 1
+    mapfile -d '' -t argv <"/proc/$1/cmdline" 2>/dev/null || return 1
+    ((${#argv[@]} >= 2)) || return 1
+    local i=1 prog=${argv[0]##*/}
+    if [[ $prog == python* ]]; then
+        while [[ ${argv[i]:-} == -* && ${argv[i]} != -m ]]; do i=$((i + 1)); done
+        if [[ ${argv[i]:-} == -m ]]; then
+            [[ ${argv[i + 1]:-} == pcam_pipeline* ]] || return 1
+            i=$((i + 2))
+        else
+            [[ ${argv[i]##*/} == pcam ]] || return 1
+            i=$((i + 1))
+        fi
+    elif [[ $prog != pcam ]]; then
+        return 1
+    fi
+    local a
+    for a in "${argv[@]:i}"; do [[ $a == train ]] && return 0; done
+    return 1
+}
+
+_pcam_descendants() {
+    local -A kids=()
+    local f line rest pid ppid
+    for f in /proc/[0-9]*/stat; do
+        { read -r line <"$f"; } 2>/dev/null || continue # the process may be gone already
+        pid=${line%% *}
+        rest=${line##*) }
+        ppid=${rest#* }
+        ppid=${ppid%% *}
+        kids[$ppid]+=" $pid"
+    done
+    local -a queue=("$1")
+    while ((${#queue[@]})); do
+        pid=${queue[0]}
+        queue=("${queue[@]:1}")
+        for f in ${kids[$pid]:-}; do
+            echo "$f"
+            queue+=("$f")
+        done
+    done
+}
+
+# Send the stop signal to every `pcam train` under the job's command. Returns 1 if none runs yet.
+_pcam_forward() {
+    local pid found=1
+    for pid in $(_pcam_descendants "$PCAM_CHILD"); do
+        if _pcam_is_train "$pid"; then
+            pcam_log "forwarding SIG$PCAM_STOP_SIGNAL to training (pid $pid): it saves models/last.pt and exits $PCAM_PREEMPT_EXIT"
+            kill -s "$PCAM_STOP_SIGNAL" "$pid" 2>/dev/null && found=0
+        fi
+    done
+    return "$found"
+}
+
+_pcam_on_signal() {
+    PCAM_STOP_SIGNAL=$1
+    pcam_log "received SIG$1 (time limit near, or scancel --signal): stopping training at the next batch"
+    if _pcam_forward; then PCAM_FORWARDED=1; fi
+}
+
+# pcam_run_preemptible CMD...: run CMD (in the runtime) so that SIGUSR1 to the batch shell
+# (#SBATCH --signal=B:USR1@secs, or `scancel --signal=USR1 --batch JOBID`) reaches training.
+# Sets PCAM_RC to the command's exit status and PCAM_STOP_SIGNAL if a signal came.
+pcam_run_preemptible() {
+    PCAM_STOP_SIGNAL=""
+    PCAM_FORWARDED=0
+    trap '_pcam_on_signal USR1' USR1
+    pcam_run "$@" &
+    PCAM_CHILD=$!
+    PCAM_RC=0
+    while :; do
+        wait "$PCAM_CHILD" && PCAM_RC=0 || PCAM_RC=$?
+        kill -0 "$PCAM_CHILD" 2>/dev/null || break
+        # Interrupted by the trap. If training had not started yet, keep looking for it.
+        while [[ -n $PCAM_STOP_SIGNAL && $PCAM_FORWARDED == 0 ]] && kill -0 "$PCAM_CHILD" 2>/dev/null; do
+            if _pcam_forward; then PCAM_FORWARDED=1; else sleep 1; fi
+        done
+    done
+    wait "$PCAM_CHILD" && PCAM_RC=0 || PCAM_RC=$?
+    trap - USR1
+}
+
+# pcam_finish_or_requeue WHAT: after pcam_run_preemptible. A stop signal followed by a failed
+# command means training saved its checkpoint: requeue this job (same job id; the rerun resumes
+# from models/last.pt). Otherwise exit with the command's status.
+pcam_finish_or_requeue() {
+    local what=$1
+    if [[ -n $PCAM_STOP_SIGNAL && $PCAM_RC != 0 ]]; then
+        local restarts=${SLURM_RESTART_COUNT:-0} max=${PCAM_MAX_REQUEUES:-20}
+        if ((restarts >= max)); then
+            pcam_die "$what stopped by SIG$PCAM_STOP_SIGNAL after $restarts requeues (PCAM_MAX_REQUEUES=$max): not requeueing again; resubmit the same job to resume from models/last.pt, or ask for a longer --time."
+        fi
+        pcam_log "$what stopped by SIG$PCAM_STOP_SIGNAL (exit $PCAM_RC); requeueing job $SLURM_JOB_ID (restart $((restarts + 1))), it resumes from models/last.pt"
+        pcam_unstage_data
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            # slurmctld now ends this run and queues the job again; nothing more to do here.
+            exit 0
+        fi
+        pcam_die "scontrol requeue $SLURM_JOB_ID failed: resubmit the job; it resumes from models/last.pt."
+    fi
+    if [[ $PCAM_RC != 0 ]]; then
+        pcam_log "$what failed with exit status $PCAM_RC (the stage's error is above)"
+        exit "$PCAM_RC"
+    fi
+    pcam_log "$what finished"
+}
+
+# --- isolated clones (sweep, benchmark) ----------------------------------------------------------
+
+# pcam_clone SUBMIT COMMIT WORKDIR (after pcam_runtime_init SUBMIT): a clone of SUBMIT at COMMIT in WORKDIR whose DVC cache is SUBMIT's
+# (one shared cache: stages already run are restored from the run-cache, not recomputed). A clone
+# left by an earlier attempt of the same job (requeue) is reused, so training resumes.
+pcam_clone() {
+    local submit=$1 commit=$2 work=$3
+    pcam_bind_add "$submit"
+    if [[ -d $work/.git ]] && [[ $(git -C "$work" rev-parse HEAD 2>/dev/null) == "$commit" ]]; then
+        # Left as it was (models/last.pt, params set by `dvc exp run -S`): the task resumes.
+        pcam_log "reusing $work (an earlier attempt of this job)"
+        pcam_bind_add "$work"
+        return 0
+    fi
+    rm -rf "$work"
+    mkdir -p "$(dirname "$work")"
+    git clone --quiet --no-checkout "$submit" "$work" ||
+        pcam_die "git clone $submit failed (if git says 'dubious ownership': git config --global --add safe.directory $submit)."
+    git -C "$work" -c advice.detachedHead=false checkout --quiet --detach "$commit" ||
+        pcam_die "commit $commit is not in $submit: commit your changes before submitting."
+    pcam_bind_add "$work"
+    local cache=$PCAM_CACHE # SUBMIT's, from pcam_runtime_init
+    [[ -n $cache ]] || pcam_die "'dvc cache dir' printed nothing in $submit."
+    if [[ -f $submit/.dvc/config.local ]]; then
+        cp "$submit/.dvc/config.local" "$work/.dvc/config.local" # cache.type/shared, remotes, site_cache_dir
+    fi
+    (cd "$work" && pcam_run dvc cache dir --local "$cache") || pcam_die "dvc cache dir --local $cache failed in $work."
+    # Outputs of the commit that are in the shared cache: stages the task does not change are then
+    # up to date and skipped (the run-cache alone cannot restore stages with uncached outputs).
+    (cd "$work" && pcam_run dvc checkout --allow-missing --quiet) ||
+        pcam_log "note: some outputs of $commit are not in the cache; the stages that make them will run"
+}
+
+pcam_work_root() {
+    local submit=$1
+    echo "${PCAM_WORK_ROOT:-$submit/.pcam-work}"
+}

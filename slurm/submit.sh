@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Submit a pipeline job with the site defaults applied (see slurm/site.env).
+#
+#   slurm/submit.sh [SBATCH_OPTIONS...] repro [DVC_REPRO_ARGS...]
+#   slurm/submit.sh [SBATCH_OPTIONS...] sweep GRID_FILE
+#   slurm/submit.sh [SBATCH_OPTIONS...] benchmark
+#
+# e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`.
+# Runs sbatch from the repository root (jobs run there), creates logs/, records the current commit
+# in PCAM_COMMIT (sweep and benchmark run exactly that commit) and, for a sweep, sets
+# --array=1-N from the grid file. Prints the job id.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+
+die() {
+    echo "submit.sh: error: $*" >&2
+    exit 1
+}
+
+usage() {
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+declare -A SEEN=()
+
+# apply_env_file FILE: KEY=VALUE lines; a key already in the environment keeps its value.
+apply_env_file() {
+    local file=$1 line key value n=0
+    [[ -f $file ]] || die "site file '$file' not found (PCAM_SLURM_SITE)."
+    while IFS= read -r line || [[ -n $line ]]; do
+        n=$((n + 1))
+        [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+        [[ $line =~ ^([A-Z_][A-Z0-9_]*)=(.*)$ ]] ||
+            die "$file:$n: expected KEY=VALUE (upper-case key, no spaces around '='), got: $line"
+        key=${BASH_REMATCH[1]}
+        value=${BASH_REMATCH[2]}
+        [[ $key == SBATCH_* || $key == PCAM_* ]] ||
+            die "$file:$n: unknown key '$key': only SBATCH_* (sbatch input variables) and PCAM_* keys belong here."
+        # The environment, or an earlier file (even with an empty value = "unset"), wins.
+        [[ -n ${!key+set} || -n ${SEEN[$key]:-} ]] && continue
+        SEEN[$key]=1
+        if [[ -n $value ]]; then export "$key=$value"; fi
+    done <"$file"
+}
+
+sbatch_opts=()
+while (($#)); do
+    case $1 in
+        repro | sweep | benchmark) break ;;
+        -h | --help) usage ;;
+        *) sbatch_opts+=("$1") ;;
+    esac
+    shift
+done
+(($#)) || usage
+what=$1
+shift
+script=$repo/slurm/$what.sbatch
+[[ -f $script ]] || die "$script not found."
+
+[[ -n ${PCAM_SLURM_SITE:-} ]] && apply_env_file "$PCAM_SLURM_SITE"
+apply_env_file "$repo/slurm/site.env"
+
+command -v sbatch >/dev/null || die "sbatch not found: run this on a Slurm login node (or start slurm/local-cluster.sh and export SLURM_CONF)."
+git -C "$repo" rev-parse HEAD >/dev/null 2>&1 || die "$repo is not a git repository with a commit: DVC experiments and the job's provenance need one."
+
+case $what in
+    sweep)
+        (($# == 1)) || die "usage: slurm/submit.sh sweep GRID_FILE"
+        grid=$1
+        [[ -f $grid ]] || die "grid file '$grid' not found."
+        grid=$(cd "$(dirname "$grid")" && pwd -P)/$(basename "$grid")
+        n=$(grep -c -v -E '^[[:space:]]*(#|$)' "$grid" || true)
+        ((n > 0)) || die "$grid has no task lines (one line of 'dvc exp run' options per task)."
+        have_array=0
+        for o in "${sbatch_opts[@]}"; do [[ $o == --array* || $o == -a* ]] && have_array=1; done
+        ((have_array)) || sbatch_opts+=("--array=1-$n")
+        set -- "$grid"
+        ;;
+    benchmark) (($# == 0)) || die "benchmark takes no arguments (choose the partition with -p PARTITION)." ;;
+esac
+if [[ $what != repro ]] && [[ -n $(git -C "$repo" status --porcelain --untracked-files=no) ]]; then
+    echo "submit.sh: warning: uncommitted changes in tracked files; the $what job runs the last commit." >&2
+fi
+
+export PCAM_COMMIT=${PCAM_COMMIT:-$(git -C "$repo" rev-parse HEAD)}
+mkdir -p "$repo/logs"
+cd "$repo"
+jobid=$(sbatch --parsable "${sbatch_opts[@]}" "$script" "$@") || die "sbatch failed (see its message above)."
+jobid=${jobid%%;*}
+echo "$jobid"
+echo "submit.sh: submitted $what as job $jobid (commit ${PCAM_COMMIT:0:12}); log in $repo/logs/; follow with: squeue -j $jobid; afterwards: sacct -j $jobid" >&2

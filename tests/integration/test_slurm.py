@@ -1,0 +1,231 @@
+"""The Slurm wrappers (slurm/), submitted for real to a one-node Slurm cluster on this machine.
+
+Apptainer cannot be installed here: where a wrapper calls `apptainer`, a clearly named stand-in
+(tests/integration/bin/apptainer-standin, on PATH as `apptainer`) records its arguments and runs the
+command in the project venv; the tests check the exact arguments the wrapper passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.slurm_fixtures import (
+    APPTAINER_STANDIN,
+    VENV,
+    SlurmCluster,
+    Workspace,
+    cache_dir,
+    dvc,
+    local_cluster,
+    local_threads,
+    make_submit_repo,
+    make_workspace,
+    output_differences,
+    read_json,
+    run,
+    wait_for_line,
+)
+
+pytestmark = pytest.mark.heavy
+
+
+def same_threads() -> dict[str, str]:
+    """Job settings for a result that must equal the local run's: as many CPU threads as it had."""
+    threads = local_threads()
+    return {"OMP_NUM_THREADS": threads, "SBATCH_CPUS_PER_GPU": str(min(int(threads), 2))}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """One Slurm cluster (slurm/local-cluster.sh) for the session, stopped at its end."""
+    with local_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def submit_repo(pipeline_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_submit_repo(pipeline_repo, tmp_path_factory.mktemp("slurm-submit") / "repo")
+
+
+@pytest.fixture(scope="session")
+def shared_cache(pipeline_repo: Path) -> Path:
+    """The local run's DVC cache, shared by every job: what ran there is restored, not rerun."""
+    return cache_dir(pipeline_repo)
+
+
+@pytest.fixture
+def workspace(
+    slurm_cluster: SlurmCluster, submit_repo: Path, shared_cache: Path, tmp_path: Path
+) -> Workspace:
+    return make_workspace(slurm_cluster, submit_repo, shared_cache, tmp_path)
+
+
+def job_log(ws: Workspace, name: str, job_id: str) -> str:
+    path = ws.log(f"{name}-{job_id}.out")
+    assert path.exists(), f"no log {path}; logs/ has {sorted(p.name for p in ws.log('').glob('*'))}"
+    return path.read_text()
+
+
+def test_repro_in_apptainer_with_staged_data_matches_the_local_run(
+    workspace: Workspace, pipeline_repo: Path, shared_cache: Path, tmp_path: Path
+):
+    ws = workspace
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").symlink_to(APPTAINER_STANDIN)
+    sif = tmp_path / "images" / "pcam.sif"
+    sif.parent.mkdir()
+    sif.write_bytes(b"not really an image: the apptainer stand-in runs the project venv\n")
+    calls_log = tmp_path / "apptainer-calls.jsonl"
+    scratch = Path(ws.env["TMPDIR"])
+
+    ws.forget_training()
+    job = ws.submit(
+        "repro",
+        PCAM_SIF=str(sif),
+        PCAM_STAGE_DATA="1",
+        **same_threads(),
+        PATH=f"{bin_dir}:{ws.env['PATH']}",
+        APPTAINER_STANDIN_LOG=str(calls_log),
+        APPTAINER_STANDIN_VENV=str(VENV),
+    )
+    record = ws.cluster.wait(job, log=ws.log(f"pcam-repro-{job}.out"))
+    log = job_log(ws, "pcam-repro", job)
+    assert (record.state, record.exit_code, record.partition) == ("COMPLETED", "0:0", "ci"), log
+
+    # The same outputs as the local, uninterrupted `dvc repro` of the same commit.
+    assert output_differences(ws.path, pipeline_repo) == []
+    assert read_json(ws.path / "reports/metrics.json") == read_json(
+        pipeline_repo / "reports/metrics.json"
+    )
+
+    # Each dvc command ran as `apptainer exec --nv --cleanenv --bind <repo>,<scratch>[,<cache>]`.
+    calls = [json.loads(line) for line in calls_log.read_text().splitlines()]
+    repo, cache = str(ws.path.resolve()), str(shared_cache.resolve())
+    prefix = ["exec", "--nv", "--cleanenv", "--bind"]
+    assert [c["argv"] for c in calls if c["argv"] != ["--version"]] == [
+        [*prefix, f"{repo},{scratch}", str(sif), "dvc", "cache", "dir"],
+        [*prefix, f"{repo},{scratch},{cache}", str(sif), "dvc", "repro", "preprocess"],
+        [*prefix, f"{repo},{scratch},{cache}", str(sif), "dvc", "repro"],
+    ]
+    # The environment it printed, and the node-local copy it trained from (removed afterwards).
+    digest = hashlib.sha256(sif.read_bytes()).hexdigest()
+    commit = run(["git", "rev-parse", "HEAD"], cwd=ws.path).stdout.strip()
+    assert f"image:     {sif} sha256:{digest}" in log
+    assert f"commit:    {commit}" in log
+    assert "host:      " in log and "CUDA_VISIBLE_DEVICES=" in log
+    staged = scratch / f"pcam-{job}" / "processed"
+    assert f"staging: PCAM_TRAIN_DATA_DIR={staged}" in log
+    assert "Running stage 'train'" in log
+    assert not staged.parent.exists()
+
+
+def test_usr1_mid_training_requeues_and_resumes_to_the_uninterrupted_result(
+    workspace: Workspace, pipeline_repo: Path
+):
+    ws = workspace
+    ws.forget_training()
+    job = ws.submit("repro", **same_threads())
+    log_path = ws.log(f"pcam-repro-{job}.out")
+    # Epoch 1 of the default run is done: the signal lands mid-training.
+    wait_for_line(log_path, r"stages\.train: epoch 1:", 1200, ws.cluster, job)
+    run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
+    record = ws.cluster.wait(job, timeout=1200, log=log_path)
+    log = log_path.read_text()
+    assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), log
+
+    assert "received SIGUSR1" in log
+    assert "forwarding SIGUSR1 to training" in log
+    assert f"requeueing job {job} (restart 1)" in log
+    assert "restart 1 partition" in log  # the second run's header
+    assert "resuming from models/last.pt at epoch" in log
+    assert len(ws.cluster.records(job)) == 2  # one record per run: requeued, then completed
+    assert read_json(ws.path / "reports/metrics.json") == read_json(
+        pipeline_repo / "reports/metrics.json"
+    )
+    assert output_differences(ws.path, pipeline_repo) == []
+
+
+def test_sweep_pushes_one_experiment_per_grid_line(workspace: Workspace):
+    ws = workspace
+    lrs = ["0.0005", "0.002", "0.008"]
+    grid = ws.path.parent / "grid.txt"
+    grid.write_text(
+        "# three learning rates, one short epoch each\n\n"
+        + "".join(f"-S train.lr={lr} -S train.epochs=1\n" for lr in lrs)
+    )
+    array = ws.submit("sweep", str(grid))
+    ws.cluster.wait(array, timeout=1200)
+    tasks = ws.cluster.array_tasks(array)
+    logs = {n: ws.log(f"pcam-sweep-{array}_{n}.out") for n in (1, 2, 3)}
+    assert sorted(tasks) == [1, 2, 3]
+    for n, task in tasks.items():
+        text = logs[n].read_text() if logs[n].exists() else "(no log)"
+        assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), text
+        # The clone got the submitted commit's outputs from the shared cache: only what the
+        # grid line changes ran.
+        assert "Stage 'preprocess' didn't change, skipping" in text
+        assert "Running stage 'train'" in text
+
+    shown = json.loads(dvc(ws.path, "exp", "show", "--json").stdout)
+    experiments = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                metrics = data["metrics"]["reports/metrics.json"]["data"]
+                params = data["params"]["params.yaml"]["data"]
+                experiments[exp["name"]] = (
+                    str(params["train"]["lr"]),
+                    params["train"]["epochs"],
+                    metrics["test"]["auroc"],
+                )
+    assert sorted(experiments) == [f"sweep-{array}-{n}" for n in (1, 2, 3)]
+    for n, lr in enumerate(lrs, start=1):
+        assert experiments[f"sweep-{array}-{n}"][:2] == (str(float(lr)), 1)
+    assert len({auroc for _, _, auroc in experiments.values()}) == 3
+    assert not any((ws.path / ".pcam-work").glob("*")), "finished tasks must remove their clones"
+
+
+def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Workspace):
+    ws = workspace
+    ws.forget_training()
+    params = ws.path / "params.yaml"
+    params.write_text(params.read_text().replace("  lr: 0.002", "  lr: -1", 1))
+    assert "lr: -1" in params.read_text()
+    job = ws.submit("repro", "train")
+    record = ws.cluster.wait(job, log=ws.log(f"pcam-repro-{job}.out"))
+    log = job_log(ws, "pcam-repro", job)
+    assert record.state == "FAILED", log
+    assert record.exit_code != "0:0"
+    assert "params.yaml is not valid" in log and "train.lr" in log
+    # The first stage that loads params.yaml fails (validate or train: upstream stages are
+    # restored from the run-cache), and DVC says so.
+    assert "ERROR: failed to reproduce '" in log and "exited with 2" in log
+    assert "dvc repro train failed with exit status" in log
+    # Nothing half-written is left where the stage's outputs go.
+    assert sorted(p.name for p in (ws.path / "models").iterdir()) == [".gitignore"]
+    assert not (ws.path / "reports" / "metrics.json").exists()
+
+
+def test_benchmark_results_are_named_by_partition_and_job(
+    workspace: Workspace, slurm_cluster: SlurmCluster
+):
+    ws = workspace
+    job = ws.submit("-p", "gpu_h100", "benchmark")
+    record = slurm_cluster.wait(job, log=ws.log(f"pcam-benchmark-{job}.out"))
+    log = job_log(ws, "pcam-benchmark", job)
+    assert (record.state, record.partition) == ("COMPLETED", "gpu_h100"), log
+    result = ws.path / "reports" / f"benchmark-gpu_h100-{job}.json"
+    assert result.exists(), log
+    assert read_json(result), "an empty benchmark report"
+    assert any((ws.path / "reports" / f"benchmark-gpu_h100-{job}").iterdir())
+    assert "Running stage 'benchmark'" in log
+    # The workspace itself was not touched: the stage ran in a clone.
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ws.path).stdout == ""
+    assert not any((ws.path / ".pcam-work").glob("*"))

@@ -1,0 +1,295 @@
+"""slurm/ without a cluster: script syntax, site defaults, submit.sh's precedence rules, and the
+signal forwarding that turns a time-limit warning into a checkpoint (the real-Slurm tests are in
+tests/integration/test_slurm.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SLURM = REPO_ROOT / "slurm"
+SCRIPTS = [
+    "local-cluster.sh",
+    "submit.sh",
+    "lib.sh",
+    "repro.sbatch",
+    "sweep.sbatch",
+    "benchmark.sbatch",
+]
+# site.env keys (sbatch input variables) and the #SBATCH option each stands for.
+OPTION_OF = {
+    "SBATCH_PARTITION": "partition",
+    "SBATCH_GPUS": "gpus",
+    "SBATCH_CPUS_PER_GPU": "cpus-per-gpu",
+    "SBATCH_MEM_PER_NODE": "mem",
+    "SBATCH_SIGNAL": "signal",
+}
+
+
+def site_defaults() -> dict[str, str]:
+    pairs = re.findall(r"^([A-Z_]+)=(.*)$", (SLURM / "site.env").read_text(), re.MULTILINE)
+    return dict(pairs)
+
+
+def sbatch_lines(script: str) -> dict[str, str]:
+    text = (SLURM / script).read_text()
+    return dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(.*))?$", text, re.MULTILINE))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_parse_and_are_strict(name: str):
+    path = SLURM / name
+    subprocess.run(["bash", "-n", path], check=True)
+    if name != "lib.sh":  # sourced by the others, which set the options
+        assert "set -euo pipefail" in path.read_text()
+        assert os.access(path, os.X_OK), f"{path} is not executable"
+
+
+@pytest.mark.parametrize("script", ["repro.sbatch", "sweep.sbatch", "benchmark.sbatch"])
+def test_sbatch_lines_repeat_the_site_defaults(script: str):
+    """Plain `sbatch slurm/X.sbatch` gets the same Snellius defaults as slurm/submit.sh."""
+    lines = sbatch_lines(script)
+    for key, value in site_defaults().items():
+        option = OPTION_OF.get(key)
+        if option is None or not value:
+            continue
+        if option == "signal" and script == "benchmark.sbatch":
+            assert "signal" not in lines  # nothing to checkpoint: a benchmark simply reruns...
+            # ...but submit.sh exports SBATCH_SIGNAL to it too: USR1 must not kill the shell.
+            assert re.search(r"^trap .*USR1$", (SLURM / script).read_text(), re.MULTILINE)
+            continue
+        assert lines.get(option) == value, f"{script}: #SBATCH --{option} vs site.env {key}"
+    assert lines["output"].startswith("logs/%x-")
+    if script != "benchmark.sbatch":
+        assert "requeue" in lines
+
+
+# --- submit.sh with a recording `sbatch` --------------------------------------------------------
+
+FAKE_SBATCH = """#!/usr/bin/env python3
+import json, os, sys
+keys = [k for k in os.environ if k.startswith(("SBATCH_", "PCAM_"))]
+record = {"argv": sys.argv[1:], "env": {k: os.environ[k] for k in keys}, "cwd": os.getcwd()}
+with open(os.environ["FAKE_SBATCH_LOG"], "w") as f:
+    json.dump(record, f)
+print("4242")
+"""
+
+
+@pytest.fixture
+def submit_env(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A git repository holding slurm/, and an environment whose `sbatch` records its call."""
+    repo = tmp_path / "repo"
+    shutil.copytree(SLURM, repo / "slurm")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+    subprocess.run(["git", "init", "-q", repo], check=True)
+    subprocess.run([*git, "-C", repo, "add", "-A"], check=True)
+    subprocess.run([*git, "-C", repo, "commit", "-q", "-m", "x"], check=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SBATCH_", "PCAM_"))}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    env["FAKE_SBATCH_LOG"] = str(tmp_path / "sbatch.json")
+    return repo, env
+
+
+def submit(
+    repo: Path, env: dict[str, str], *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [repo / "slurm" / "submit.sh", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        cwd=repo.parent,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def recorded(env: dict[str, str]) -> dict:
+    return json.loads(Path(env["FAKE_SBATCH_LOG"]).read_text())
+
+
+def test_submit_applies_site_defaults_and_records_the_commit(submit_env):
+    repo, env = submit_env
+    result = submit(repo, env, "repro", "train")
+    assert result.stdout.strip() == "4242"
+    call = recorded(env)
+    assert call["argv"] == ["--parsable", str(repo.resolve() / "slurm/repro.sbatch"), "train"]
+    assert call["cwd"] == str(repo.resolve())  # jobs start in the repository
+    assert (repo / "logs").is_dir()
+    defaults = {k: v for k, v in site_defaults().items() if v}
+    assert {k: call["env"][k] for k in defaults} == defaults
+    for empty in ("SBATCH_ACCOUNT", "SBATCH_TIMELIMIT", "PCAM_SIF"):
+        assert empty not in call["env"]  # empty in site.env: left to sbatch / the script
+    head = subprocess.run(
+        ["git", "-C", repo, "rev-parse", "HEAD"], text=True, capture_output=True, check=True
+    ).stdout.strip()
+    assert call["env"]["PCAM_COMMIT"] == head
+
+
+def test_environment_beats_site_file_beats_site_env(submit_env, tmp_path: Path):
+    repo, env = submit_env
+    site = tmp_path / "my-site.env"
+    site.write_text(
+        "# my cluster\nSBATCH_PARTITION=gpu_h100\nSBATCH_CPUS_PER_GPU=16\n"
+        "SBATCH_SIGNAL=\nSBATCH_ACCOUNT=abc123\n"
+    )
+    env = {**env, "PCAM_SLURM_SITE": str(site), "SBATCH_CPUS_PER_GPU": "4"}
+    submit(repo, env, "-p", "gpu_a100", "--time=1:00:00", "benchmark")
+    call = recorded(env)
+    assert call["argv"][:3] == ["--parsable", "-p", "gpu_a100"]  # options given go first...
+    assert call["argv"][3:] == ["--time=1:00:00", str(repo.resolve() / "slurm/benchmark.sbatch")]
+    assert call["env"]["SBATCH_PARTITION"] == "gpu_h100"  # ...sbatch ranks them above env
+    assert call["env"]["SBATCH_CPUS_PER_GPU"] == "4"  # environment over site file
+    assert call["env"]["SBATCH_ACCOUNT"] == "abc123"  # site file over site.env
+    assert "SBATCH_SIGNAL" not in call["env"]  # empty in the site file: unset, not site.env's
+    assert call["env"]["SBATCH_GPUS"] == site_defaults()["SBATCH_GPUS"]  # site.env fills gaps
+
+
+def test_a_bad_site_file_line_is_named(submit_env, tmp_path: Path):
+    repo, env = submit_env
+    site = tmp_path / "bad.env"
+    site.write_text("SBATCH_PARTITION=gpu_h100\nexport SBATCH_GPUS=2\n")
+    result = submit(repo, {**env, "PCAM_SLURM_SITE": str(site)}, "repro", check=False)
+    assert result.returncode != 0
+    assert f"{site}:2: expected KEY=VALUE" in result.stderr
+    site.write_text("GPUS=2\n")
+    result = submit(repo, {**env, "PCAM_SLURM_SITE": str(site)}, "repro", check=False)
+    assert f"{site}:1: unknown key 'GPUS'" in result.stderr
+    assert not Path(env["FAKE_SBATCH_LOG"]).exists()
+
+
+def test_sweep_array_size_comes_from_the_grid(submit_env, tmp_path: Path):
+    repo, env = submit_env
+    grid = tmp_path / "grid.txt"
+    grid.write_text(
+        "# lr sweep\n-S train.lr=0.001\n\n  # off\n-S train.lr=0.002\n-S train.lr=0.004\n"
+    )
+    submit(repo, env, "sweep", str(grid))
+    assert recorded(env)["argv"] == [
+        "--parsable",
+        "--array=1-3",
+        str(repo.resolve() / "slurm/sweep.sbatch"),
+        str(grid),
+    ]
+    submit(repo, env, "--array=2", "sweep", str(grid))
+    assert recorded(env)["argv"][:2] == ["--parsable", "--array=2"]
+    grid.write_text("# nothing\n\n")
+    result = submit(repo, env, "sweep", str(grid), check=False)
+    assert result.returncode != 0 and "has no task lines" in result.stderr
+
+
+# --- lib.sh: a stop signal reaches `pcam train`, and only it --------------------------------------
+
+FAKE_PCAM = """#!/usr/bin/env python3
+import os, signal, sys, time
+def stop(signum, frame):
+    open(os.environ["MARK"] + ".signalled", "w").write(sys.argv[1])
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, stop)
+open(os.environ["MARK"] + ".started", "w").close()
+for _ in range(int(float(os.environ["TRAIN_SECONDS"]) * 10)):
+    time.sleep(0.1)
+"""
+
+# Stands in for dvc: python, "train" among its arguments, runs the stage through `sh -c` like DVC.
+FAKE_DVC = """#!/usr/bin/env python3
+import subprocess, sys
+rc = subprocess.call(["/bin/sh", "-c", sys.argv[2] + " train; exit $?"])
+print(f"dvc survived, stage exited {rc}", flush=True)
+sys.exit(255 if rc else 0)
+"""
+
+HARNESS = """
+set -euo pipefail
+source "$LIB"
+PCAM_RUNTIME=venv
+PCAM_VENV=$FAKE_VENV
+SLURM_JOB_ID=77
+pcam_run_preemptible "$FAKE_VENV/bin/dvc" repro "$DELAY$FAKE_VENV/bin/pcam" train
+echo "RC=$PCAM_RC SIGNAL=$PCAM_STOP_SIGNAL"
+pcam_finish_or_requeue "dvc repro"
+echo "not requeued"
+"""
+
+FAKE_SCONTROL = """#!/bin/sh
+echo "$@" > "$MARK.scontrol"
+"""
+
+
+def run_harness(
+    tmp_path: Path, delay: bool, send_signal: bool, restarts: int = 0, train_seconds: float = 30
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, text in (("pcam", FAKE_PCAM), ("dvc", FAKE_DVC), ("scontrol", FAKE_SCONTROL)):
+        (venv / "bin" / name).write_text(text)
+        (venv / "bin" / name).chmod(0o755)
+    mark = tmp_path / "mark"
+    env = {
+        **os.environ,
+        "LIB": str(SLURM / "lib.sh"),
+        "FAKE_VENV": str(venv),
+        "MARK": str(mark),
+        "DELAY": "sleep 1; " if delay else "",
+        "SLURM_RESTART_COUNT": str(restarts),
+        "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+        "TRAIN_SECONDS": str(train_seconds),
+    }
+    shell = subprocess.Popen(
+        ["bash", "-c", HARNESS],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    if send_signal:
+        if not delay:  # mid-training
+            deadline = time.monotonic() + 20
+            while not Path(f"{mark}.started").exists():
+                assert time.monotonic() < deadline, "fake training never started"
+                time.sleep(0.05)
+        else:  # before training starts: it is forwarded once training appears
+            time.sleep(0.3)
+        shell.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@secs does: to the batch shell
+    out, _ = shell.communicate(timeout=60)
+    return subprocess.CompletedProcess(shell.args, shell.returncode, out, ""), mark
+
+
+@pytest.mark.parametrize("delay", [False, True], ids=["mid-training", "before-training"])
+def test_usr1_reaches_training_only_then_the_job_requeues(tmp_path: Path, delay: bool):
+    result, mark = run_harness(tmp_path, delay=delay, send_signal=True)
+    assert Path(f"{mark}.signalled").read_text() == "train"
+    assert "dvc survived, stage exited 75" in result.stdout  # neither dvc nor sh got USR1
+    assert "RC=255 SIGNAL=USR1" in result.stdout
+    assert Path(f"{mark}.scontrol").read_text().split() == ["requeue", "77"]
+    assert "requeueing job 77 (restart 1)" in result.stdout
+    assert "not requeued" not in result.stdout and result.returncode == 0
+
+
+def test_without_a_signal_the_status_is_the_commands(tmp_path: Path):
+    result, mark = run_harness(tmp_path, delay=False, send_signal=False, train_seconds=0.5)
+    assert "RC=0 SIGNAL=" in result.stdout and "not requeued" in result.stdout
+    assert not Path(f"{mark}.scontrol").exists()
+
+
+def test_requeues_are_bounded(tmp_path: Path):
+    result, mark = run_harness(tmp_path, delay=False, send_signal=True, restarts=20)
+    assert result.returncode == 1
+    assert "after 20 requeues (PCAM_MAX_REQUEUES=20): not requeueing again" in result.stdout
+    assert not Path(f"{mark}.scontrol").exists()
