@@ -337,6 +337,18 @@ SCRIPTED = [  # validation results of three epochs: each metric prefers a differ
 ]
 
 
+def skip_to_epoch_end(trainer: train.Trainer) -> None:
+    """Stand-in for an epoch of training: plausible running sums, position at the epoch's end."""
+    trainer.progress.sums = {
+        "loss": 1.0,
+        "correct": 1.0,
+        "seen": 2.0,
+        "grad_norm": 1.0,
+        "steps": 1.0,
+    }
+    trainer.progress.batch = trainer.steps_per_epoch
+
+
 @pytest.mark.parametrize(
     ("metric", "best_epoch"), [("val_auroc", 1), ("val_loss", 2), ("val_accuracy", 3)]
 )
@@ -348,14 +360,7 @@ def test_best_checkpoint_is_chosen_by_select_metric(
         with torch.no_grad():
             for parameter in self.model.parameters():
                 parameter.fill_(self.progress.epoch + 1)
-        self.progress.sums = {
-            "loss": 1.0,
-            "correct": 1.0,
-            "seen": 2.0,
-            "grad_norm": 1.0,
-            "steps": 1.0,
-        }
-        self.progress.batch = self.steps_per_epoch
+        skip_to_epoch_end(self)
 
     results = iter(SCRIPTED)
     monkeypatch.setattr(train.Trainer, "train_epoch", scripted_epoch)
@@ -373,14 +378,7 @@ def test_best_checkpoint_is_chosen_by_select_metric(
 
 def test_signal_between_epochs_stops_before_the_next_one(tiny_data, tmp_path, monkeypatch):
     def quick_epoch(self, stop) -> None:  # stand-in for training, as above
-        self.progress.sums = {
-            "loss": 1.0,
-            "correct": 1.0,
-            "seen": 2.0,
-            "grad_norm": 1.0,
-            "steps": 1.0,
-        }
-        self.progress.batch = self.steps_per_epoch
+        skip_to_epoch_end(self)
 
     def validate_then_sigusr1(*args):  # the signal lands while epoch 1 is being validated
         os.kill(os.getpid(), signal.SIGUSR1)
