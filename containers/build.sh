@@ -207,8 +207,10 @@ cmd_image() {
     local args=(build --file containers/Dockerfile --tag "$PCAM_IMAGE"
         --build-arg "BASE_IMAGE=$BASE_IMAGE"
         --build-arg "TORCH_VARIANT=$TORCH_VARIANT"
-        --build-arg "GIT_COMMIT=$(git_commit)"
-        --build-arg "VERSION=$(project_version)")
+        --label "org.opencontainers.image.version=$(project_version)"
+        --label "org.opencontainers.image.revision=$(git_commit)"
+        --label "org.opencontainers.image.base.name=$BASE_IMAGE"
+        --label "io.github.pcam-pipeline.torch-variant=$TORCH_VARIANT")
     local tmp=""
     local torch_index="${TORCH_INDEX_URL:-}"
     if [[ "$ENGINE" == podman ]]; then
