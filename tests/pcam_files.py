@@ -7,9 +7,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pcam_pipeline.data.hdf5 import write_pcam_split
+from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter, write_pcam_split
 from pcam_pipeline.data.pcam import SPLITS, split_files
 from pcam_pipeline.data.synthetic import generate_split
+
+N = 300  # not a multiple of the block or chunk: partial last block and chunk
 
 
 def make_pcam_dir(directory: Path, sizes: dict[str, int] | None = None, seed: int = 7) -> Path:
@@ -33,3 +35,21 @@ def read(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     x_path, y_path = split_files(directory, split)
     with h5py.File(x_path, "r") as fx, h5py.File(y_path, "r") as fy:
         return fx["x"][...], fy["y"][...]
+
+
+def stamped_patches(n: int, seed: int = 0) -> np.ndarray:
+    """Random patches whose top-left pixel spells their index: batches can be decoded."""
+    x = np.random.default_rng(seed).integers(0, 256, size=(n, 96, 96, 3), dtype=np.uint8)
+    index = np.arange(n)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = index & 0xFF, index >> 8
+    return x
+
+
+def write_processed(path: Path, n: int = N, chunk: int = 32, compression: str = "none") -> Path:
+    x = stamped_patches(n)
+    y = (np.arange(n) % 3 == 0).astype(np.uint8)
+    with ProcessedWriter(path, ProcessedLayout(chunk, compression)) as writer:
+        for start in range(0, n, 100):  # appended in blocks, as preprocess does
+            stop = min(start + 100, n)
+            writer.append(x[start:stop], y[start:stop], np.arange(start, stop))
+    return path

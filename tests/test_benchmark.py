@@ -211,6 +211,8 @@ def test_full_size_run_scaled_down(tmp_path, make_params, monkeypatch):
         figures = result[stage]
         assert figures["img_s"] > 0 and figures["peak_rss_mb"] > 0
         assert figures["fraction_of_raw_warm"] > 0
+    assert result["raw_warm_img_s"] == max(result["raw_warm_by_block_img_s"].values())
+    assert result["raw_copy_img_s"] > 0 and result["preprocess"]["fraction_of_raw_copy"] > 0
     assert result["validate"]["ok"] is True, "tiled patches are all distinct, no leakage"
     assert result["validate"]["warnings"] == 0
     assert result["preprocess"]["n_out"] == 500 + 2 * 32
@@ -218,6 +220,7 @@ def test_full_size_run_scaled_down(tmp_path, make_params, monkeypatch):
     assert set(result["targets"]) == {
         "validate_at_least_half_of_raw_read",
         "preprocess_at_least_half_of_raw_read",
+        "preprocess_at_least_half_of_raw_copy",
         "validate_peak_memory_within_2x_size",
         "preprocess_peak_memory_within_2x_size",
     }

@@ -13,35 +13,17 @@ import pytest
 import torch
 
 from pcam_pipeline.data import loader
-from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, ProcessedWriter
+from pcam_pipeline.data.hdf5 import PatchBlocks
 from pcam_pipeline.data.loader import Split, augment, cgroup_headroom, gather, normalise
 from pcam_pipeline.params import LoaderParams
+from tests.pcam_files import N, stamped_patches, write_processed
 
-N = 300  # not a multiple of the block or chunk: partial last block and chunk
 BLOCK = 64
-
-
-def stamped_patches(n: int, seed: int = 0) -> np.ndarray:
-    """Random patches whose top-left pixel spells their index: batches can be decoded."""
-    x = np.random.default_rng(seed).integers(0, 256, size=(n, 96, 96, 3), dtype=np.uint8)
-    index = np.arange(n)
-    x[:, 0, 0, 0], x[:, 0, 0, 1] = index & 0xFF, index >> 8
-    return x
 
 
 def decode(x: torch.Tensor) -> list[int]:
     pixels = x[:, 0, 0, :2].long()
     return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
-
-
-def write_processed(path: Path, n: int = N, chunk: int = 32, compression: str = "none") -> Path:
-    x = stamped_patches(n)
-    y = (np.arange(n) % 3 == 0).astype(np.uint8)
-    with ProcessedWriter(path, ProcessedLayout(chunk, compression)) as writer:
-        for start in range(0, n, 100):  # appended in blocks, as preprocess does
-            stop = min(start + 100, n)
-            writer.append(x[start:stop], y[start:stop], np.arange(start, stop))
-    return path
 
 
 @pytest.fixture

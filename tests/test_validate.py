@@ -141,3 +141,41 @@ def test_stage_writes_report_and_fails_with_one_line_per_problem(
     assert "[valid]" in lines[1] and "int64" in lines[1]
     report = json.loads(Path("reports/validate.json").read_text())
     assert report["ok"] is False and report["errors"] == 2
+
+
+def test_equal_hashes_are_confirmed_byte_for_byte(pcam, small_params, monkeypatch):
+    """Every patch hashing alike (the worst collision case) still reports only true copies."""
+    x, _ = read(pcam, "train")
+    x[5] = x[40]
+    x[41] = x[40]
+    x[41, 95, 95, 2] ^= 1  # one bit from a copy: a different patch
+    rewrite(pcam, "train", "x", "x", x)
+    test_x, _ = read(pcam, "test")
+    test_x[6] = x[12]
+    rewrite(pcam, "test", "x", "x", test_x)
+    honest = validate_dir(pcam, small_params.validate_)
+
+    def one_hash(patches: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        return np.zeros(len(patches), dtype=np.uint32)
+
+    monkeypatch.setattr(validate, "patch_hashes", one_hash)
+    colliding = validate_dir(pcam, small_params.validate_)
+    for report in (honest, colliding):
+        assert report["splits"]["train"]["duplicates_within"] == 1
+        [leak] = problems(report, "leakage")
+        assert leak["indices"] == [6] and report["leakage"] == {"train/test": 1}
+
+
+def test_patch_hashes_are_stable_and_position_sensitive():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (70, 96, 96, 3), dtype=np.uint8)
+    keys = validate.hash_keys(x[0].nbytes)
+    hashes = validate.patch_hashes(x, keys)
+    assert hashes.dtype == np.uint32 and len(set(hashes.tolist())) == 70
+    np.testing.assert_array_equal(validate.patch_hashes(x[::-1].copy(), keys), hashes[::-1])
+    swapped = x[:1].copy()
+    swapped[0, 0, 0], swapped[0, 0, 1] = x[0, 0, 1], x[0, 0, 0]
+    assert (swapped != x[:1]).any()
+    assert validate.patch_hashes(swapped, keys)[0] != hashes[0], "pixels are not just summed"
+    floats = x[:2].astype(np.float32)
+    assert len(validate.patch_hashes(floats, validate.hash_keys(floats[0].nbytes))) == 2

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -36,18 +37,39 @@ def project_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(
-    cmd: list[str], cwd: Path, check: bool = True, **extra_env: str
+def run_command(
+    cmd: Sequence[str | Path],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 1800,
 ) -> subprocess.CompletedProcess[str]:
+    """Run a command like a user would; when it fails unexpectedly, fail with its output."""
+    args = [str(c) for c in cmd]
     result = subprocess.run(
-        cmd, cwd=cwd, env=project_env(**extra_env), text=True, capture_output=True
+        args, cwd=cwd, env=env, text=True, capture_output=True, timeout=timeout, check=False
     )
     if check and result.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} failed ({result.returncode}) in {cwd}:\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+            f"{' '.join(args)} failed ({result.returncode}) in {cwd or Path.cwd()}:\n"
+            f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    """`run_command` in the environment `make setup` gives (`project_env`)."""
+    return run_command(cmd, cwd=cwd, env=project_env(**extra_env), check=check)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def copy_project(target: Path) -> Path:

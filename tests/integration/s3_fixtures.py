@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import REPO_ROOT
-from tests.integration.conftest import project_env, require_integration
+from tests.integration.conftest import free_port, project_env, require_integration, run_command
 
 SCRIPTS = REPO_ROOT / "scripts"
 S3_SERVER = SCRIPTS / "s3-server.sh"
@@ -41,12 +40,6 @@ AWS_ENV_VARS = (
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_CONFIG_FILE",
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env(credentials: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
@@ -75,22 +68,7 @@ def sh(
     **extra: str,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command like a user would; on an unexpected failure show its output."""
-    args = [str(c) for c in cmd]
-    result = subprocess.run(
-        args,
-        cwd=cwd,
-        env=env(credentials, **extra),
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed ({result.returncode}) in {cwd}:\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
+    return run_command(cmd, cwd=cwd, env=env(credentials, **extra), check=check, timeout=timeout)
 
 
 def output(result: subprocess.CompletedProcess[str]) -> str:

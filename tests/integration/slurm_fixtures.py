@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.integration.conftest import require_integration
+from tests.integration.conftest import free_port, require_integration, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLURM_SRC = REPO_ROOT / "slurm"
@@ -51,27 +50,7 @@ def run(
     check: bool = True,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(c) for c in cmd],
-        cwd=cwd,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(map(str, cmd))} failed with {result.returncode} in {cwd}:\n"
-            f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-        )
-    return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return run_command(cmd, cwd=cwd, env=env, check=check, timeout=timeout)
 
 
 @dataclass

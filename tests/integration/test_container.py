@@ -34,6 +34,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.integration.conftest import require_integration
+from tests.integration.conftest import run_command as run
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO_ROOT / "containers" / "build.sh"
 DEF_FILE = REPO_ROOT / "containers" / "apptainer.def"
@@ -71,26 +74,6 @@ PODMAN_RUN_BASE = [
     "--ulimit",
     "nproc=32768:32768",
 ]
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail where CI requires every integration test to run."""
-    if os.environ.get("PCAM_REQUIRE_INTEGRATION") == "1":
-        pytest.fail(f"{reason} (PCAM_REQUIRE_INTEGRATION=1: integration tests must run)")
-    pytest.skip(reason)
-
-
-def run(
-    cmd: list[str], *, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a command; on failure, fail with its output (the tail of it)."""
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if proc.returncode != 0:
-        out = (proc.stdout + proc.stderr)[-6000:]
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{out}")
-    return proc
 
 
 def podman_run(*args: str) -> list[str]:
@@ -140,7 +123,7 @@ def podman() -> str:
     needed = ("podman", "runc", "debootstrap")
     if not all(shutil.which(tool) for tool in needed):
         if os.geteuid() != 0 or not shutil.which("apt-get"):
-            unavailable(
+            require_integration(
                 "podman/runc/debootstrap missing and cannot be installed here (needs root and "
                 "apt-get): run `containers/build.sh install-podman` as root"
             )
@@ -148,12 +131,12 @@ def podman() -> str:
             [str(BUILD_SH), "install-podman"], capture_output=True, text=True, timeout=900
         )
         if proc.returncode != 0 or not all(shutil.which(tool) for tool in needed):
-            unavailable(
+            require_integration(
                 "containers/build.sh install-podman failed:\n" + (proc.stdout + proc.stderr)[-3000:]
             )
     proc = subprocess.run(["podman", "info"], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        unavailable(f"podman is installed but `podman info` fails: {proc.stderr[-2000:]}")
+        require_integration(f"podman is installed but `podman info` fails: {proc.stderr[-2000:]}")
     return shutil.which("podman") or "podman"
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -16,6 +21,9 @@ from pcam_pipeline.data.pcam import LABEL_SHAPE, PATCH_SHAPE, split_files
 from pcam_pipeline.repro import atomic_path
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# Past a few threads a block scan is bound by memory bandwidth, not by CPU.
+MAX_SCAN_THREADS = 4
+T = TypeVar("T")
 
 
 def write_pcam_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -116,6 +124,8 @@ class PatchBlocks:
         self._fd: int | None = None
         self._offsets: list[int] | None = None  # chunked: file offset of each chunk
         self._offset: int | None = None  # contiguous: file offset of row 0
+        self._map: mmap.mmap | None = None  # made by the first `view`
+        self._map_lock = threading.Lock()
         try:
             self.direct = self._plan_direct()
         except (OSError, RuntimeError, ValueError, AttributeError):  # e.g. an older HDF5
@@ -247,6 +257,45 @@ class PatchBlocks:
             self._preadv(buffers, offset)
         return out
 
+    def view(self, start: int, stop: int) -> np.ndarray | None:
+        """Rows `[start, stop)` as a read-only array over the file's pages (a memory map): no
+        copy at all. None where they are not one contiguous run of the file (compressed or
+        scattered chunks, a layout read through h5py): read them with `read_into` then.
+
+        The map is valid while the reader is open; a file truncated under it raises SIGBUS, as
+        every memory-mapped reader does, so do not rewrite a file while it is being scanned.
+        """
+        self._check(start, stop)
+        if not self.direct or stop == start:
+            return None
+        ranges = self._ranges(start, stop)
+        if len(ranges) != 1:
+            return None
+        offset = ranges[0][0]
+        with self._map_lock:
+            if self._map is None:
+                assert self._fd is not None
+                self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+        if offset + (stop - start) * self.row_bytes > len(self._map):
+            return None  # shorter than HDF5 says: `read_into` reports it as a short read
+        count = (stop - start) * (self.row_bytes // self.dtype.itemsize)
+        rows = np.frombuffer(self._map, dtype=self.dtype, count=count, offset=offset)
+        return rows.reshape(stop - start, *self.row_shape)
+
+    def unmap(self, start: int, stop: int) -> None:
+        """Done with the view of rows `[start, stop)`: drop its pages from this process (they
+        stay in the page cache). A scan's RSS then stays at the blocks in flight, not the file
+        size, which matters where a scheduler counts mapped file pages against a job's memory
+        (Slurm's jobacct_gather). A view used again just faults its pages back in."""
+        if self._map is None or stop <= start:
+            return
+        ranges = self._ranges(start, stop)
+        if len(ranges) != 1:
+            return
+        first = ranges[0][0] // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(ranges[0][0] + (stop - start) * self.row_bytes, len(self._map))
+        self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+
     def _check(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.length:
             raise IndexError(f"{self.path}: rows [{start}, {stop}) outside [0, {self.length})")
@@ -255,6 +304,10 @@ class PatchBlocks:
         return self.read_into(np.empty((stop - start, *self.row_shape), self.dtype), start, stop)
 
     def close(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # views still alive: it goes with them
+                self._map.close()
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -265,3 +318,88 @@ class PatchBlocks:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def scan_threads() -> int:
+    """Threads for `scan_blocks`: the CPUs this process may use (a Slurm job's allocation), <= 4."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(MAX_SCAN_THREADS, usable))
+
+
+def scan_blocks(
+    reader: PatchBlocks,
+    block_patches: int,
+    work: Callable[[np.ndarray, slice], T],
+    threads: int | None = None,
+    zero_copy: bool = False,
+) -> Iterator[tuple[slice, np.ndarray, T]]:
+    """Read every row in consecutive blocks and run `work(rows, part)` on each, in `threads`
+    threads; yield `(part, rows, result)` in file order.
+
+    Reading (os.preadv) and numpy's loops release the GIL, so a block is read and worked on while
+    the caller consumes the one before: one pass over the file at the speed of the slower of the
+    two. `rows` is a reused buffer, valid until the next iteration; keep a copy to hold on to it.
+    Memory: `threads + 1` blocks.
+
+    `zero_copy`: hand `work` read-only views of the file's pages (`PatchBlocks.view`) where the
+    layout allows, instead of copies. In the page cache that saves the copy, the largest cost of
+    a scan; from a cold disk it is slower (page faults read less ahead than one large preadv).
+    Each view's pages are dropped from the process (`unmap`) once the caller is done with it.
+    """
+    threads = scan_threads() if threads is None else max(1, threads)
+    parts = blocks(reader.length, block_patches)
+    shape = (min(block_patches, reader.length), *reader.row_shape)
+    if threads == 1:
+        buffer = np.empty(shape, dtype=reader.dtype)
+        for part in parts:
+            rows = reader.view(part.start, part.stop) if zero_copy else None
+            if rows is None:
+                rows = reader.read_into(buffer, part.start, part.stop)
+            yield part, rows, work(rows, part)
+            if zero_copy:
+                reader.unmap(part.start, part.stop)
+        return
+
+    # One buffer per task in flight plus the one the caller holds: never a wait for a buffer.
+    free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+    for _ in range(threads + 1):
+        free.put(np.empty(shape, dtype=reader.dtype))
+
+    def task(part: slice) -> tuple[np.ndarray, np.ndarray, T]:
+        buffer = free.get_nowait()
+        try:
+            rows = reader.view(part.start, part.stop) if zero_copy else None
+            if rows is None:
+                rows = reader.read_into(buffer, part.start, part.stop)
+            return buffer, rows, work(rows, part)
+        except BaseException:
+            free.put(buffer)
+            raise
+
+    def release(part: slice, buffer: np.ndarray) -> None:
+        free.put(buffer)
+        if zero_copy:
+            reader.unmap(part.start, part.stop)
+
+    pending: deque[tuple[slice, Future[tuple[np.ndarray, np.ndarray, T]]]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="scan-blocks") as pool:
+        try:
+            for part in parts:
+                pending.append((part, pool.submit(task, part)))
+                if len(pending) < threads:
+                    continue
+                done, future = pending.popleft()
+                buffer, rows, result = future.result()
+                yield done, rows, result
+                release(done, buffer)
+            while pending:
+                done, future = pending.popleft()
+                buffer, rows, result = future.result()
+                yield done, rows, result
+                release(done, buffer)
+        finally:
+            for _, future in pending:
+                future.cancel()

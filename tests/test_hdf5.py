@@ -1,0 +1,127 @@
+"""Block scans: zero-copy views of the file's pages and the threaded, in-order block pipeline."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pcam_pipeline.data.hdf5 import PatchBlocks, scan_blocks, scan_threads
+from tests.pcam_files import N, stamped_patches, write_processed
+
+
+@pytest.mark.parametrize("chunk,compression", [(32, "none"), (64, "lzf")])
+def test_views_are_the_file_bytes_read_only_or_none(tmp_path, chunk, compression):
+    path = write_processed(tmp_path / "x.h5", chunk=chunk, compression=compression)
+    expected = stamped_patches(N)
+    with PatchBlocks(path) as reader:
+        view = reader.view(40, 200)
+        if compression != "none":
+            assert view is None, "compressed chunks cannot be mapped: read them"
+            return
+        assert view is not None
+        np.testing.assert_array_equal(view, expected[40:200])
+        assert not view.flags.writeable
+        assert reader.view(5, 5) is None
+        with pytest.raises(IndexError):
+            reader.view(0, N + 1)
+        del view
+
+
+def test_scattered_chunks_have_no_view(tmp_path):
+    """Chunks written out of order do not lie one after another: no single view spans them."""
+    path = tmp_path / "x.h5"
+    x = stamped_patches(96)
+    with h5py.File(path, "w") as handle:
+        data = handle.create_dataset("x", shape=x.shape, dtype="uint8", chunks=(32, 96, 96, 3))
+        data[64:96], data[0:32], data[32:64] = x[64:96], x[0:32], x[32:64]
+    with PatchBlocks(path) as reader:
+        assert reader.direct
+        assert reader.view(0, 96) is None
+        whole_chunk = reader.view(64, 96)
+        assert whole_chunk is not None
+        np.testing.assert_array_equal(whole_chunk, x[64:96])
+
+
+def test_a_file_shorter_than_hdf5_says_is_not_mapped(tmp_path):
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("x", data=stamped_patches(20))
+    with PatchBlocks(path) as reader:
+        assert reader.direct
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size - 1000)
+        assert reader.view(0, 20) is None, "mapped, it would raise SIGBUS"
+        with pytest.raises(OSError, match="short read"):
+            reader.read(0, 20)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("zero_copy", [False, True])
+@pytest.mark.parametrize("compression", ["none", "lzf"])
+def test_scan_blocks_hands_every_block_in_order(tmp_path, threads, zero_copy, compression):
+    path = write_processed(tmp_path / "x.h5", chunk=32, compression=compression)
+    expected = stamped_patches(N)
+    workers: set[str] = set()
+
+    def work(rows: np.ndarray, part: slice) -> int:
+        workers.add(threading.current_thread().name)
+        np.testing.assert_array_equal(rows, expected[part])
+        return int(rows[:, 0, 0, 0].astype(np.int64).sum())
+
+    parts = []
+    with PatchBlocks(path) as reader:
+        for part, rows, result in scan_blocks(
+            reader, 50, work, threads=threads, zero_copy=zero_copy
+        ):
+            np.testing.assert_array_equal(rows, expected[part])  # valid until the next block
+            assert result == int(expected[part][:, 0, 0, 0].astype(np.int64).sum())
+            parts.append(part)
+    assert parts == [slice(s, min(s + 50, N)) for s in range(0, N, 50)]
+    if threads == 1:
+        assert workers == {threading.current_thread().name}
+    else:
+        assert all(name.startswith("scan-blocks") for name in workers)
+
+
+def test_scan_blocks_raises_a_work_error_and_stops(tmp_path):
+    path = write_processed(tmp_path / "x.h5", chunk=32)
+    started: list[int] = []
+
+    def work(rows: np.ndarray, part: slice) -> None:
+        started.append(part.start)
+        if part.start == 100:
+            raise ValueError("bad block at 100")
+
+    with PatchBlocks(path) as reader, pytest.raises(ValueError, match="bad block at 100"):
+        for _ in scan_blocks(reader, 50, work, threads=2):
+            pass
+    assert max(started) <= 150, "at most the blocks in flight run past the failure"
+
+
+def test_scan_blocks_buffers_are_reused_not_leaked(tmp_path):
+    """threads + 1 buffers serve any number of blocks (the caller holds one at a time)."""
+    path = write_processed(tmp_path / "x.h5", chunk=32)
+    buffers: set[int] = set()
+    with PatchBlocks(path) as reader:
+        for _, rows, _ in scan_blocks(reader, 10, lambda rows, part: None, threads=2):
+            buffers.add(rows.__array_interface__["data"][0])
+    assert len(buffers) <= 3
+
+
+def test_scan_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert scan_threads() == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert scan_threads() == 4
+
+
+def test_empty_dataset_scans_nothing(tmp_path: Path):
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("x", shape=(0, 96, 96, 3), dtype="uint8")
+    with PatchBlocks(path) as reader:
+        assert list(scan_blocks(reader, 16, lambda rows, part: None, threads=2)) == []
