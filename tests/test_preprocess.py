@@ -5,6 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pcam_pipeline.data.pcam import split_files
 from pcam_pipeline.stages import preprocess
 from pcam_pipeline.stages.preprocess import ChannelStats, channel_sums, to_uint8
 from tests.pcam_files import make_pcam_dir, read, rewrite
@@ -95,3 +96,32 @@ def test_channel_sums_are_exact_integers():
     np.testing.assert_array_equal(sums, wide.sum(axis=1))
     np.testing.assert_array_equal(squares, (wide * wide).sum(axis=1))
     assert squares[7].tolist() == [96 * 96 * 255**2] * 3
+
+
+def test_threads_and_source_layout_do_not_change_the_output(project, small_params, monkeypatch):
+    """One thread or three, a mapped source or a gzip-compressed one read through h5py: the same
+    processed patches, labels, indices and statistics."""
+    pcam = project / "data" / "pcam"
+    x, _ = read(pcam, "train")
+    x[9] = 0  # a blank patch in the middle of a block
+    rewrite(pcam, "train", "x", "x", x)
+    params = small_params.model_copy(
+        update={"preprocess": small_params.preprocess.model_copy(update={"block_patches": 10})}
+    )
+
+    def run(threads: int) -> tuple[dict[str, np.ndarray], str]:
+        monkeypatch.setattr("pcam_pipeline.data.hdf5.scan_threads", lambda: threads)
+        preprocess.main(params)
+        with h5py.File("data/processed/train.h5", "r") as handle:
+            arrays = {key: handle[key][...] for key in ("x", "y", "index")}
+        return arrays, Path("data/processed/stats.json").read_text()
+
+    single, stats = run(1)
+    assert 9 not in single["index"]
+    with h5py.File(split_files(pcam, "train")[0], "w") as handle:
+        handle.create_dataset("x", data=x, chunks=(4, 96, 96, 3), compression="gzip")
+    for threads in (3, 1):
+        arrays, other_stats = run(threads)
+        assert other_stats == stats
+        for key, values in single.items():
+            np.testing.assert_array_equal(arrays[key], values)

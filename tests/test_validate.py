@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -179,3 +180,32 @@ def test_patch_hashes_are_stable_and_position_sensitive():
     assert validate.patch_hashes(swapped, keys)[0] != hashes[0], "pixels are not just summed"
     floats = x[:2].astype(np.float32)
     assert len(validate.patch_hashes(floats, validate.hash_keys(floats[0].nbytes))) == 2
+
+
+def test_compressed_chunked_files_give_the_same_report(pcam, small_params, tmp_path):
+    """Files written chunked and gzip-compressed (as some PCAM copies are) are read through h5py
+    instead of mapped: the findings must not change."""
+    x, _ = read(pcam, "train")
+    x[2] = x[3]
+    x[0] = 0
+    rewrite(pcam, "train", "x", "x", x)
+    plain = validate_dir(pcam, small_params.validate_)
+    with h5py.File(split_files(pcam, "train")[0], "w") as handle:
+        handle.create_dataset("x", data=x, chunks=(8, 96, 96, 3), compression="gzip")
+    compressed = validate_dir(pcam, small_params.validate_)
+    assert compressed["problems"] == plain["problems"]
+    assert compressed["splits"]["train"]["duplicates_within"] == 1
+
+
+def test_thread_count_does_not_change_the_report(pcam, small_params, monkeypatch):
+    test_x, _ = read(pcam, "test")
+    train_x, _ = read(pcam, "train")
+    test_x[1] = train_x[50]
+    rewrite(pcam, "test", "x", "x", test_x)
+    params = small_params.validate_.model_copy(update={"block_patches": 7})
+    reports = []
+    for threads in (1, 3):
+        monkeypatch.setattr("pcam_pipeline.data.hdf5.scan_threads", lambda n=threads: n)
+        reports.append(validate_dir(pcam, params))
+    assert reports[0] == reports[1]
+    assert reports[0]["leakage"] == {"train/test": 1}
