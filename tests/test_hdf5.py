@@ -125,3 +125,17 @@ def test_empty_dataset_scans_nothing(tmp_path: Path):
         handle.create_dataset("x", shape=(0, 96, 96, 3), dtype="uint8")
     with PatchBlocks(path) as reader:
         assert list(scan_blocks(reader, 16, lambda rows, part: None, threads=2)) == []
+
+
+def test_a_file_system_without_mmap_falls_back_to_reads(tmp_path, monkeypatch):
+    path = write_processed(tmp_path / "x.h5", chunk=32)
+
+    def no_mmap(*args: object, **kwargs: object) -> None:
+        raise OSError(19, "No such device")  # what mmap(2) says where a file system lacks it
+
+    monkeypatch.setattr("pcam_pipeline.data.hdf5.mmap.mmap", no_mmap)
+    expected = stamped_patches(N)
+    with PatchBlocks(path) as reader:
+        assert reader.view(0, 10) is None
+        for part, rows, _ in scan_blocks(reader, 64, lambda rows, part: None, 2, zero_copy=True):
+            np.testing.assert_array_equal(rows, expected[part])

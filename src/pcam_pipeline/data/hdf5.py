@@ -126,6 +126,7 @@ class PatchBlocks:
         self._offset: int | None = None  # contiguous: file offset of row 0
         self._map: mmap.mmap | None = None  # made by the first `view`
         self._map_lock = threading.Lock()
+        self._mappable = True  # false once mapping failed (a file system without mmap)
         try:
             self.direct = self._plan_direct()
         except (OSError, RuntimeError, ValueError, AttributeError):  # e.g. an older HDF5
@@ -273,9 +274,14 @@ class PatchBlocks:
             return None
         offset = ranges[0][0]
         with self._map_lock:
-            if self._map is None:
+            if self._map is None and self._mappable:
                 assert self._fd is not None
-                self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+                try:
+                    self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+                except (OSError, ValueError):
+                    self._mappable = False
+        if self._map is None:
+            return None
         if offset + (stop - start) * self.row_bytes > len(self._map):
             return None  # shorter than HDF5 says: `read_into` reports it as a short read
         count = (stop - start) * (self.row_bytes // self.dtype.itemsize)
@@ -294,7 +300,8 @@ class PatchBlocks:
             return
         first = ranges[0][0] // mmap.PAGESIZE * mmap.PAGESIZE
         end = min(ranges[0][0] + (stop - start) * self.row_bytes, len(self._map))
-        self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+        with contextlib.suppress(OSError):  # only a hint: the pages stay correct either way
+            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def _check(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.length:
