@@ -43,6 +43,8 @@ DEF_FILE = REPO_ROOT / "containers" / "apptainer.def"
 DEFAULT_BASE = "localhost/debian:bookworm"
 # A uid that owns nothing: the container must work for any user (Apptainer runs as the caller).
 RUN_UID = "4242:4242"
+# How the image is run where it must prove it needs nothing else: read-only, offline, that uid.
+ISOLATED = ("--read-only", "--network", "none", "--user", RUN_UID)
 # Stages whose outputs must be bit-identical between the host and the container run. benchmark
 # measures wall-clock throughput, so only its presence is checked. Checkpoints (*.pt) record the
 # Python version in their provenance (the image's Debian 3.11.2 vs the host's 3.11.x), so they are
@@ -245,11 +247,7 @@ def container_run(
     start = time.monotonic()
     run(
         podman_run(
-            "--read-only",
-            "--network",
-            "none",
-            "--user",
-            RUN_UID,
+            *ISOLATED,
             "--volume",
             f"{repo}:{repo}",
             "--volume",
@@ -493,11 +491,7 @@ def test_def_file_test_and_runscript_run_in_the_image(
     runscript = tmp_path / "runscript.sh"
     runscript.write_text(def_file.sections["environment"] + "\n" + def_file.sections["runscript"])
     common = [
-        "--read-only",
-        "--network",
-        "none",
-        "--user",
-        RUN_UID,
+        *ISOLATED,
         "--volume",
         f"{tmp_path}:/def:ro",
         "--entrypoint",

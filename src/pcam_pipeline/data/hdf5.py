@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import queue
@@ -359,15 +360,21 @@ def scan_blocks(
     threads = scan_threads() if threads is None else max(1, threads)
     parts = blocks(reader.length, block_patches)
     shape = (min(block_patches, reader.length), *reader.row_shape)
+
+    def load(part: slice, buffer: np.ndarray) -> np.ndarray:
+        rows = reader.view(part.start, part.stop) if zero_copy else None
+        return rows if rows is not None else reader.read_into(buffer, part.start, part.stop)
+
+    def done_with(part: slice) -> None:
+        if zero_copy:
+            reader.unmap(part.start, part.stop)
+
     if threads == 1:
         buffer = np.empty(shape, dtype=reader.dtype)
         for part in parts:
-            rows = reader.view(part.start, part.stop) if zero_copy else None
-            if rows is None:
-                rows = reader.read_into(buffer, part.start, part.stop)
+            rows = load(part, buffer)
             yield part, rows, work(rows, part)
-            if zero_copy:
-                reader.unmap(part.start, part.stop)
+            done_with(part)
         return
 
     # One buffer per task in flight plus the one the caller holds: never a wait for a buffer.
@@ -378,35 +385,28 @@ def scan_blocks(
     def task(part: slice) -> tuple[np.ndarray, np.ndarray, T]:
         buffer = free.get_nowait()
         try:
-            rows = reader.view(part.start, part.stop) if zero_copy else None
-            if rows is None:
-                rows = reader.read_into(buffer, part.start, part.stop)
+            rows = load(part, buffer)
             return buffer, rows, work(rows, part)
         except BaseException:
             free.put(buffer)
             raise
 
-    def release(part: slice, buffer: np.ndarray) -> None:
-        free.put(buffer)
-        if zero_copy:
-            reader.unmap(part.start, part.stop)
-
     pending: deque[tuple[slice, Future[tuple[np.ndarray, np.ndarray, T]]]] = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="scan-blocks") as pool:
         try:
-            for part in parts:
+            for part in itertools.islice(parts, threads):
                 pending.append((part, pool.submit(task, part)))
-                if len(pending) < threads:
-                    continue
-                done, future = pending.popleft()
-                buffer, rows, result = future.result()
-                yield done, rows, result
-                release(done, buffer)
             while pending:
-                done, future = pending.popleft()
+                part, future = pending.popleft()
                 buffer, rows, result = future.result()
-                yield done, rows, result
-                release(done, buffer)
+                # While the caller works on this block, threads - 1 are in flight: the caller's
+                # own work (preprocess writes every block) takes the remaining core.
+                yield part, rows, result
+                free.put(buffer)
+                done_with(part)
+                following = next(parts, None)
+                if following is not None:
+                    pending.append((following, pool.submit(task, following)))
         finally:
             for _, future in pending:
                 future.cancel()

@@ -92,11 +92,14 @@ class PreparedBlock:
     """One block made training-ready (in a worker thread): the patches to keep, as uint8."""
 
     patches: np.ndarray
-    keep: np.ndarray
     clipped: int
     blank: np.ndarray
     sums: np.ndarray | None  # per kept patch, for the channel statistics
     squares: np.ndarray | None
+
+    @property
+    def keep(self) -> np.ndarray:
+        return ~self.blank
 
 
 def prepare_block(
@@ -115,7 +118,7 @@ def prepare_block(
     sums = squares = None
     if with_stats:
         sums, squares = channel_sums(patches)
-    return PreparedBlock(patches, keep, clipped, blank, sums, squares)
+    return PreparedBlock(patches, clipped, blank, sums, squares)
 
 
 def process_split(

@@ -380,13 +380,14 @@ def find_leakage(
             return readers[split].read(index, index + 1).tobytes()
 
         for i, earlier in enumerate(names):
+            by_hash: dict[int, list[int]] = {}  # filled when a later split first needs it
             for later in names[i + 1 :]:
                 candidates = np.flatnonzero(np.isin(hashes[later], hashes[earlier]))
                 if not len(candidates):
                     continue
-                by_hash: dict[int, list[int]] = {}
-                for index, value in enumerate(hashes[earlier].tolist()):
-                    by_hash.setdefault(value, []).append(index)
+                if not by_hash:
+                    for index, value in enumerate(hashes[earlier].tolist()):
+                        by_hash.setdefault(value, []).append(index)
                 shared = []
                 for index in candidates.tolist():
                     mine = patch(later, index)
