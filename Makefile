@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 # Idle OpenMP threads sleep instead of spinning: on shared or oversubscribed cores spinning
-# steals the CPU from the thread doing the work (see README, Performance).
+# steals the CPU from the thread doing the work (see docs/performance.md).
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup run test test-fast lint image sif s3-up s3-down slurm-up slurm-down clean-venv
@@ -34,10 +34,10 @@ lint: $(STAMP)  ## the pre-commit hooks on every file
 clean-venv:
 	rm -rf $(VENV)
 
-image:  ## container image pcam-pipeline:$TORCH_VARIANT (docker or podman; README, Containers)
+image:  ## container image pcam-pipeline:$TORCH_VARIANT (docker or podman; docs/containers.md)
 	containers/build.sh image
 
-sif:  ## Apptainer image pcam.sif from that image (needs apptainer; README, Containers)
+sif:  ## Apptainer image pcam.sif from that image (needs apptainer; docs/containers.md)
 	containers/build.sh sif
 
 s3-up:  ## a local S3 server (moto) on 127.0.0.1:5555, bucket pcam-dvc, to try the DVC remote

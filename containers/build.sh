@@ -203,7 +203,7 @@ git_commit() {
 # --- subcommands -------------------------------------------------------------------------------
 cmd_image() {
     pick_engine
-    [[ -f requirements.lock ]] || die "requirements.lock is missing in $REPO_ROOT: the image installs exactly these pins (see README 'Updating dependencies')"
+    [[ -f requirements.lock ]] || die "requirements.lock is missing in $REPO_ROOT: the image installs exactly these pins (see docs/development.md, 'Updating dependencies')"
     local args=(build --file containers/Dockerfile --tag "$PCAM_IMAGE"
         --build-arg "BASE_IMAGE=$BASE_IMAGE"
         --build-arg "TORCH_VARIANT=$TORCH_VARIANT"

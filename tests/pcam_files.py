@@ -53,3 +53,24 @@ def write_processed(path: Path, n: int = N, chunk: int = 32, compression: str = 
             stop = min(start + 100, n)
             writer.append(x[start:stop], y[start:stop], np.arange(start, stop))
     return path
+
+
+def write_corrupt_chunk(
+    path: Path, key: str, data: np.ndarray, chunk_rows: int, bad_chunk: int
+) -> None:
+    """Write `data` under `key`, gzip-compressed in chunks of `chunk_rows` rows, then invert bytes
+    in the middle of chunk number `bad_chunk` on disk (bit rot, a bad sector): the file opens,
+    but h5py raises OSError reading those rows. The chunk's file offset comes from HDF5 itself,
+    so the damage always lands in its compressed data."""
+    with h5py.File(path, "w") as handle:
+        dataset = handle.create_dataset(
+            key, data=data, chunks=(chunk_rows, *data.shape[1:]), compression="gzip"
+        )
+        infos = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+    [info] = [i for i in infos if i.chunk_offset[0] == bad_chunk * chunk_rows]
+    start, length = info.byte_offset + info.size // 4, max(1, info.size // 2)
+    with open(path, "r+b") as handle:
+        handle.seek(start)
+        damaged = bytes(255 - byte for byte in handle.read(length))
+        handle.seek(start)
+        handle.write(damaged)

@@ -13,7 +13,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from pcam_pipeline import metrics
-from pcam_pipeline.data.loader import Split
+from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.stages import evaluate
 from tests.tiny_pipeline import small_run_params, tiny_data, trained_run, workdir
@@ -151,7 +151,9 @@ def test_evaluate_stage_uses_the_validation_split_for_the_threshold(
         tmp_path / "models" / "best.pt", torch.device("cpu")
     )
     probs = {
-        name: predict_split(model, split, mean, std, torch.device("cpu"), 256)
+        name: predict_split(
+            model, DeviceBatches(split, torch.device("cpu"), params.loader), mean, std, 256
+        )
         for name, split in (("valid", valid), ("test", test))
     }
     threshold = metrics.choose_threshold(valid.labels, probs["valid"], "youden")

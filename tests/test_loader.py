@@ -14,7 +14,15 @@ import torch
 
 from pcam_pipeline.data import loader
 from pcam_pipeline.data.hdf5 import PatchBlocks
-from pcam_pipeline.data.loader import Split, augment, cgroup_headroom, gather, normalise
+from pcam_pipeline.data.loader import (
+    Split,
+    apply_symmetries,
+    augment,
+    cgroup_headroom,
+    gather,
+    normalise,
+    symmetry_codes,
+)
 from pcam_pipeline.params import LoaderParams
 from tests.pcam_files import N, stamped_patches, write_processed
 
@@ -33,7 +41,11 @@ def split_file(tmp_path: Path) -> Path:
 
 def options(in_memory: bool, workers: int = 0, block: int = BLOCK) -> LoaderParams:
     return LoaderParams(
-        in_memory=in_memory, max_memory_fraction=0.5, block_patches=block, num_workers=workers
+        in_memory=in_memory,
+        max_memory_fraction=0.5,
+        block_patches=block,
+        num_workers=workers,
+        device_memory_fraction=0.5,
     )
 
 
@@ -312,17 +324,37 @@ def test_normalise_is_batch_wide_standardisation(channels_last):
 @pytest.mark.parametrize("flip,rot90", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_augment_matches_the_per_patch_definition(flip, rot90, channels_last):
-    images = normalise(
-        torch.from_numpy(stamped_patches(33)), torch.zeros(3), torch.ones(3), channels_last
-    )
+    # The training loop augments the uint8 patches, then normalises; the definition turns the
+    # normalised images. The two must agree bit for bit (a symmetry only moves pixels).
+    x = torch.from_numpy(stamped_patches(33))
+    mean, std = torch.tensor([0.7, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.15])
+    images = normalise(x, mean, std, channels_last)
     for seed in range(6):
-        got = augment(images, torch.Generator().manual_seed(seed), flip, rot90)
+        got = normalise(
+            augment(x, torch.Generator().manual_seed(seed), flip, rot90), mean, std, channels_last
+        )
         expected = reference_augment(images, torch.Generator().manual_seed(seed), flip, rot90)
         assert torch.equal(got, expected), seed
 
 
+def test_symmetry_codes_cover_all_eight_and_apply_as_one_gather():
+    codes = symmetry_codes(torch.Generator().manual_seed(0), 4096, True, True)
+    assert codes is not None and sorted(codes.unique().tolist()) == list(range(8))
+    assert symmetry_codes(torch.Generator(), 5, False, False) is None
+    x = torch.from_numpy(stamped_patches(8))
+    every = torch.arange(8)
+    turned = apply_symmetries(x, every)
+    for code in range(8):
+        expected = x[code]
+        expected = expected.flip(0) if code & 1 else expected
+        expected = expected.flip(1) if code & 2 else expected
+        expected = expected.transpose(0, 1) if code & 4 else expected
+        assert torch.equal(turned[code], expected), code
+    assert apply_symmetries(x, None) is x
+
+
 def test_augment_is_label_free_symmetry():
-    images = torch.from_numpy(stamped_patches(16)).permute(0, 3, 1, 2).float()
+    images = torch.from_numpy(stamped_patches(16))
     assert torch.equal(augment(images, torch.Generator(), False, False), images)
 
     def again(x, flip, rot90):  # the same draws every time
@@ -339,7 +371,8 @@ def test_augment_is_label_free_symmetry():
         # Flips and rotations only move pixels: each channel keeps its values.
         for channel in range(3):
             assert torch.equal(
-                before[channel].flatten().sort().values, after[channel].flatten().sort().values
+                before[..., channel].flatten().sort().values,
+                after[..., channel].flatten().sort().values,
             )
-        orbit = [torch.rot90(p, k, (1, 2)) for p in (before, before.flip(2)) for k in range(4)]
+        orbit = [torch.rot90(p, k, (0, 1)) for p in (before, before.flip(1)) for k in range(4)]
         assert any(torch.equal(after, candidate) for candidate in orbit)

@@ -15,7 +15,7 @@ import torch
 from matplotlib import image as mpimg
 
 from pcam_pipeline import cli
-from pcam_pipeline.data.loader import Split
+from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.predict import read_png
 from tests.tiny_pipeline import small_run_params, tiny_data, trained_run
@@ -30,7 +30,8 @@ def evaluate_probabilities(checkpoint: Path, data: Path) -> tuple[np.ndarray, np
     device = torch.device("cpu")
     model, mean, std, _ = model_from_checkpoint(checkpoint, device)
     split = Split.open(data / "test.h5", params.loader)
-    probs = predict_split(model, split, mean, std, device, params.evaluate.batch_size)
+    batches = DeviceBatches(split, device, params.loader)
+    probs = predict_split(model, batches, mean, std, params.evaluate.batch_size)
     with h5py.File(data / "test.h5", "r") as handle:
         images = handle["x"][...]
     return images, probs

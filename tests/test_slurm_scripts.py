@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,44 @@ FAKE_SCONTROL = """#!/bin/sh
 echo "$@" > "$MARK.scontrol"
 """
 
+# Prefixed to the stage's command (run by `sh -c`): say the stage has started (MARK.stage), then
+# hold training back until MARK.go exists (at most 20 s).
+GATE = ': >"$MARK.stage"; for _ in $(seq 400); do [ -e "$MARK.go" ] && break; sleep 0.05; done; '
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (for bash: a `trap` is set), from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    assert found, status
+    return bool(int(found.group(1), 16) >> (sig - 1) & 1)
+
+
+def sleeping(pid: int) -> bool:
+    """Whether process `pid` is blocked (state S in /proc/PID/stat), e.g. bash in `wait`."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "S"
+
+
+def children(pid: int) -> list[str]:
+    """The command names (comm) of the processes whose parent is `pid`, from /proc."""
+    names = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone already
+            continue
+        comm, _, rest = text[text.index("(") + 1 :].rpartition(")")
+        if int(rest.split()[1]) == pid:
+            names.append(comm)
+    return names
+
 
 def run_harness(
     tmp_path: Path, delay: bool, send_signal: bool, restarts: int = 0, train_seconds: float = 30
@@ -246,7 +285,9 @@ def run_harness(
         "LIB": str(SLURM / "lib.sh"),
         "FAKE_VENV": str(venv),
         "MARK": str(mark),
-        "DELAY": "sleep 1; " if delay else "",
+        # Before training: the stage's shell starts training only once the test has made
+        # MARK.go (after the wrapper has handled USR1), or after 20 s.
+        "DELAY": GATE if delay else "",
         "SLURM_RESTART_COUNT": str(restarts),
         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
         "TRAIN_SECONDS": str(train_seconds),
@@ -260,13 +301,20 @@ def run_harness(
     )
     if send_signal:
         if not delay:  # mid-training
-            deadline = time.monotonic() + 20
-            while not Path(f"{mark}.started").exists():
-                assert time.monotonic() < deadline, "fake training never started"
-                time.sleep(0.05)
-        else:  # before training starts: it is forwarded once training appears
-            time.sleep(0.3)
+            wait_for(lambda: Path(f"{mark}.started").exists(), "fake training never started")
+        else:  # before training: once the batch shell waits for the stage's command
+            # (lib.sh loses a USR1 that comes between its `trap` and its `wait`).
+            wait_for(
+                lambda: Path(f"{mark}.stage").exists() and sleeping(shell.pid),
+                "the stage never started, or the batch shell never waited for it",
+            )
+            assert catches(shell.pid, signal.SIGUSR1), "lib.sh has not trapped USR1"
         shell.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@secs does: to the batch shell
+        if delay:
+            # Let training start once lib.sh has looked for it, found none, and sleeps before
+            # looking again (a process it signals before its handler is set would die of USR1).
+            wait_for(lambda: "sleep" in children(shell.pid), "lib.sh never waited for training")
+            Path(f"{mark}.go").touch()
     out, _ = shell.communicate(timeout=60)
     return subprocess.CompletedProcess(shell.args, shell.returncode, out, ""), mark
 

@@ -23,6 +23,7 @@ from pcam_pipeline.params import TrainParams
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from pcam_pipeline.repro import load_checkpoint, md5_file, save_checkpoint
 from pcam_pipeline.stages import train
+from pcam_pipeline.training import TrainStep
 from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import (
     pcam,
@@ -58,11 +59,13 @@ OUTPUT_FILES = sorted(
 
 
 def outputs(run: Path) -> dict[str, bytes]:
-    """The train stage's outputs (what dvc.yaml declares) by relative path."""
+    """The train stage's outputs (what dvc.yaml declares) by relative path; not the provenance
+    records beside the checkpoints, which say when and where a run happened."""
     return {
         f"{top}/{name}": data
         for top in ("models", "dvclive")
         for name, data in tree_bytes(run / top).items()
+        if not name.endswith(".provenance.json")
     }
 
 
@@ -138,26 +141,32 @@ def test_preempted_process_exits_75_and_resumes_to_identical_outputs(
     resumed = run_pcam(["train"], tmp_path, tiny_data)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert f"resuming from models/last.pt at epoch 2, batch {batch}" in resumed.stdout
+    assert "starting afresh" not in resumed.stdout
     assert_same_bytes(outputs(trained_run), outputs(tmp_path))
 
 
 def test_sigterm_mid_batch_stops_after_it_and_resumes_identically(
-    trained_run, tiny_data, tmp_path, monkeypatch
+    trained_run, tiny_data, tmp_path, monkeypatch, caplog
 ):
-    augment, calls = train.augment, []
+    forward_loss, calls = TrainStep._forward_loss, []
 
-    def augment_then_sigterm(*args, **kwargs):  # called once per batch, before the forward pass
+    def forward_then_sigterm(self, *args):  # once per batch, before the backward pass
         calls.append(1)
         if len(calls) == 8 + 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return augment(*args, **kwargs)
+        return forward_loss(self, *args)
 
-    monkeypatch.setattr(train, "augment", augment_then_sigterm)
+    monkeypatch.setattr(TrainStep, "_forward_loss", forward_then_sigterm)
     with pytest.raises(Preempted, match="stopped by SIGTERM at epoch 2, batch 3;"):
         train_in(tmp_path, tiny_data)
     assert assert_saved_mid_epoch(tmp_path, 3) == 3, "the batch in flight is finished, no more"
     monkeypatch.undo()
-    train_in(tmp_path, tiny_data)
+    # The second run must pick up models/last.pt (not start afresh and merely end up equal).
+    with caplog.at_level("INFO", logger=train.__name__):
+        train_in(tmp_path, tiny_data)
+    resumed = [r.getMessage() for r in caplog.records if r.name == train.__name__]
+    assert "resuming from models/last.pt at epoch 2, batch 3" in resumed, resumed
+    assert not [m for m in resumed if "starting afresh" in m], resumed
     assert_same_bytes(outputs(trained_run), outputs(tmp_path))
 
 
@@ -223,7 +232,15 @@ def test_checkpoints_record_params_data_versions_and_rng(trained_run, tiny_data)
         assert provenance["data_md5"] == {
             f: md5_file(tiny_data / f) for f in ("stats.json", "train.h5", "valid.h5")
         }
-        assert "git_commit" in provenance  # None here: the run's directory is no git repository
+        # Where and when the run happened is no part of the checkpoint's bytes...
+        assert not {"git_commit", "host", "created_utc"} & set(provenance)
+        # ...it is in the record beside it, which names the checkpoint's exact bytes.
+        record = json.loads(
+            (trained_run / "models" / name.replace(".pt", ".provenance.json")).read_text()
+        )
+        assert record["checkpoint"] == name
+        assert record["md5"] == md5_file(trained_run / "models" / name)
+        assert {"git_commit", "git_dirty", "host", "created_utc", "environment"} <= set(record)
         assert provenance["device"] == "cpu"
         assert provenance["torch_threads"] == torch.get_num_threads()
         versions = provenance["versions"]
@@ -246,16 +263,21 @@ def test_checkpoints_record_params_data_versions_and_rng(trained_run, tiny_data)
     assert len(last["history"]) == params.train.epochs
 
 
-def test_checkpoint_records_the_git_commit(tiny_data, tmp_path):
+def test_the_provenance_record_names_the_git_commit(tiny_data, tmp_path):
     git = ["git", "-c", "user.name=pcam-tests", "-c", "user.email=tests@pcam.invalid"]
     subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "code"], cwd=tmp_path, check=True)
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True, text=True
     ).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("not part of the commit\n")
     with workdir(tmp_path, tiny_data):
-        checkpoint = train.Trainer(small_run_params()).checkpoint()
-    assert checkpoint["provenance"]["git_commit"] == head
+        trainer = train.Trainer(small_run_params())
+        trainer.save(Path("models/last.pt"))
+    record = json.loads((tmp_path / "models" / "last.provenance.json").read_text())
+    assert record["git_commit"] == head
+    assert record["git_dirty"] is False, "untracked files do not make the code dirty"
+    assert "git_commit" not in trainer.checkpoint()["provenance"]
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pcam_pipeline.data.loader import Split, normalise, to_device
+from pcam_pipeline.data.loader import DeviceBatches, normalise
 from pcam_pipeline.models import build_model
 from pcam_pipeline.params import TrainParams
 from pcam_pipeline.repro import load_checkpoint
+from pcam_pipeline.runtime import uses_channels_last
 
 
 @torch.no_grad()
@@ -24,34 +25,35 @@ def predict_batches(
     device: torch.device,
     bf16: bool = False,
 ) -> np.ndarray:
-    """Sigmoid probabilities for uint8 (B,96,96,3) batches, in order."""
+    """Sigmoid probabilities for uint8 (B,96,96,3) batches, in order.
+
+    The probabilities stay on the device until the last batch: one wait, not one per batch.
+    """
     model.eval()
     outputs = []
     for x in batches:
         x = x.to(device, non_blocking=True)
-        images = normalise(x, mean, std, channels_last=device.type == "cuda")
+        images = normalise(x, mean, std, channels_last=uses_channels_last(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images)
-        outputs.append(torch.sigmoid(logits.float()).cpu())
+        outputs.append(torch.sigmoid(logits.float()))
     if not outputs:
         return np.empty(0)
-    return torch.cat(outputs).numpy().astype(np.float64)
+    return torch.cat(outputs).cpu().numpy().astype(np.float64)
 
 
 def predict_split(
     model: nn.Module,
-    split: Split,
+    split: DeviceBatches,
     mean: torch.Tensor,
     std: torch.Tensor,
-    device: torch.device,
     batch_size: int,
     bf16: bool = False,
 ) -> np.ndarray:
-    """Probabilities for a whole split, in file order."""
-    batches = (
-        to_device(x, y, device)[0] for x, y in split.batches(torch.arange(split.length), batch_size)
-    )
-    return predict_batches(model, batches, mean, std, device, bf16)
+    """Probabilities for a whole split, in file order, fed to its device as training is."""
+    order = torch.arange(split.split.length)
+    batches = (x for x, _ in split.batches(order, batch_size))
+    return predict_batches(model, batches, mean, std, split.device, bf16)
 
 
 def model_from_checkpoint(
@@ -63,7 +65,7 @@ def model_from_checkpoint(
     model = build_model(train_params)
     model.load_state_dict(checkpoint["model"])
     model.to(device)
-    if device.type == "cuda":
+    if uses_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     stats = checkpoint["normalisation"]
     mean = torch.tensor(stats["mean"], device=device)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pcam_pipeline.paths import PARAMS_FILE
 
@@ -68,6 +68,7 @@ class ValidateParams(_Section):
     max_duplicate_fraction: float = Field(ge=0, le=1)
     fail_on_leakage: bool
     allow_unsafe_dtype: bool
+    allow_single_class: bool  # true: a split holding one class only is a warning, not fatal
     block_patches: int = Field(gt=0)
 
 
@@ -83,6 +84,7 @@ class LoaderParams(_Section):
     max_memory_fraction: float = Field(gt=0, le=1)
     block_patches: int = Field(gt=0)
     num_workers: int = Field(ge=0)  # streaming only: processes reading blocks ahead
+    device_memory_fraction: float = Field(ge=0, le=1)  # CUDA: a split on the GPU within this
 
 
 class CnnParams(_Section):
@@ -120,7 +122,14 @@ class TrainParams(_Section):
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     bf16: bool  # bf16 autocast, CUDA only
+    compile: Literal["off", "default", "reduce-overhead"]  # torch.compile of the train step
     select_metric: Literal["val_auroc", "val_loss", "val_accuracy"]
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_off_is_a_word(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (as in `dvc exp run -S train.compile=off`) as false.
+        return "off" if value is False else value
 
 
 class EvaluateParams(_Section):

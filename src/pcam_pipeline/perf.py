@@ -22,9 +22,7 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ import numpy as np
 from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, ProcessedWriter, blocks
 from pcam_pipeline.data.pcam import LABEL_SHAPE, PATCH_SHAPE, SPLITS, split_files
 from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.measure import loader_epoch, median, peak_rss_mb
 from pcam_pipeline.params import Params, load_params, parse_params
 from pcam_pipeline.paths import PARAMS_FILE, PROCESSED_DIR
 
@@ -50,10 +49,6 @@ CHILD_MARK = "PCAM-PERF-RESULT "
 
 class PerfError(PipelineError):
     """A measurement cannot run as asked (no disk space, pipeline not cached, ...)."""
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,42 +134,23 @@ def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         extra = {"n_out": n_out}
     elif kind == "loader":
-        import torch
-
         from pcam_pipeline.data.loader import Split
 
         options = params.loader.model_copy(update={"in_memory": False})
         baseline = psutil.Process().memory_info().rss
         start = time.perf_counter()
-        split = Split.open(Path(spec["path"]), options)
-        seen = 0
-        for x, _ in split.batches(
-            split.epoch_order(torch.Generator().manual_seed(0)), params.train.batch_size
-        ):
-            seen += len(x)
+        seen = loader_epoch(Split.open(Path(spec["path"]), options), params.train.batch_size, 0)
         seconds = time.perf_counter() - start
         extra = {"patches": seen}
     else:
         raise ValueError(f"unknown child kind {kind!r}")
-    peak = peak_rss_bytes()
+    peak = peak_rss_mb()
     return {
         "seconds": seconds,
-        "peak_rss_mb": peak / 2**20,
-        "working_memory_mb": (peak - baseline) / 2**20,
+        "peak_rss_mb": peak,
+        "working_memory_mb": peak - baseline / 2**20,
         **extra,
     }
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. VmHWM, not ru_maxrss: after fork + exec, Linux carries the
-    parent's peak over into the child's ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(kind: str, spec: dict[str, Any], evict_first: Path | None = None) -> dict[str, Any]:
@@ -413,7 +389,11 @@ def measure_layout(
             )
     write_seconds = time.perf_counter() - start
     options = LoaderParams(
-        in_memory=False, max_memory_fraction=0.5, block_patches=block, num_workers=0
+        in_memory=False,
+        max_memory_fraction=0.5,
+        block_patches=block,
+        num_workers=0,
+        device_memory_fraction=0.0,
     )
     sequential, shuffled, loader = [], [], []
     n_blocks = -(-patches // block)

@@ -21,7 +21,7 @@ from pcam_pipeline.data.pcam import PATCH_SHAPE
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.inference import model_from_checkpoint, predict_batches
 from pcam_pipeline.repro import atomic_path
-from pcam_pipeline.stages.train import resolve_device
+from pcam_pipeline.runtime import resolve_device, uses_bf16
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -113,7 +113,7 @@ def main(
     device = resolve_device(device_choice)
     model, mean, std, state = model_from_checkpoint(checkpoint, device)
     # evaluate scores with bf16 autocast on CUDA when the run trained that way: do the same.
-    bf16 = device.type == "cuda" and bool(state["params"]["train"].get("bf16", False))
+    bf16 = uses_bf16(bool(state["params"]["train"].get("bf16", False)), device)
     names: list[str] = []
 
     def batches() -> Iterator[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -87,12 +88,39 @@ def package_versions(names: tuple[str, ...] = ("torch", "numpy", "h5py", "dvc"))
     return versions
 
 
-def provenance(data_files: list[Path]) -> dict[str, Any]:
-    """What produced a result: code version, library versions and the md5 of every input file."""
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip())
+
+
+# Set inside Apptainer (the image file) and by Slurm: where a run happened, never what it made.
+RUN_ENVIRONMENT = (
+    "APPTAINER_CONTAINER",
+    "PCAM_IMAGE",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_PARTITION",
+    "SLURM_CLUSTER_NAME",
+)
+
+
+def run_record() -> dict[str, Any]:
+    """Where and when a result was made: commit, host, UTC time, job and container."""
     return {
         "git_commit": git_commit(),
-        "versions": package_versions(),
-        "data_md5": {str(path): md5_file(path) for path in sorted(data_files)},
+        "git_dirty": git_dirty(),
+        "host": platform.node(),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "environment": {name.lower(): os.environ.get(name) for name in RUN_ENVIRONMENT},
     }
 
 

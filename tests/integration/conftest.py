@@ -94,14 +94,29 @@ def copy_project(target: Path) -> Path:
     return target
 
 
+def make_run_log(repo: Path) -> Path:
+    """What `make run` printed in `pipeline_repo` (kept beside it, not in it)."""
+    return repo.parent / "make-run.log"
+
+
 @pytest.fixture(scope="session")
 def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A clone-like copy of the project after one full `dvc repro` of the embedded default.
+    """A fresh `git clone` of the project after the README's `make run` in it: its own .venv
+    from requirements.lock, then `dvc repro` of the embedded default.
 
     Shared by every integration test that needs pipeline outputs; tests must not modify it (copy
-    it, or `git clone` it, first).
+    it, or `git clone` it, first). The clone's .venv is removed afterwards (1.5 GB; the tests
+    run DVC from the development environment, which has the same pins).
     """
-    repo = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
-    result = run(["dvc", "repro"], repo)
-    (repo / "repro.log").write_text(result.stdout + result.stderr)
+    base = tmp_path_factory.mktemp("pipeline")
+    origin = copy_project(base / "origin")
+    repo = base / "repo"
+    run(["git", "clone", "-q", str(origin), str(repo)], base)
+    run(
+        ["dvc", "config", "--local", "core.site_cache_dir", str(repo / ".dvc" / "tmp" / "site")],
+        repo,
+    )
+    result = run_command(["make", "run"], cwd=repo, env=project_env(), timeout=3600)
+    make_run_log(repo).write_text(result.stdout + result.stderr)
+    shutil.rmtree(repo / ".venv")
     yield repo

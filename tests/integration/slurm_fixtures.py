@@ -225,9 +225,9 @@ def same_value(a: object, b: object) -> bool:
 
 
 def same_checkpoint(a: Path, b: Path) -> bool:
-    """Bit-identical training state (weights, optimizer, position, RNG, ...). The files' hashes
-    differ between commits because a checkpoint records where it was made (provenance: the git
-    commit, versions); that record is left out of the comparison."""
+    """Bit-identical training state (weights, optimizer, position, RNG, ...). The library
+    versions a checkpoint records (its `provenance`) may differ between an image and the host,
+    so that record is left out of the comparison."""
     import torch
 
     left, right = (torch.load(p, map_location="cpu", weights_only=False) for p in (a, b))

@@ -71,9 +71,22 @@ def job_log(ws: Workspace, name: str, job_id: str) -> str:
     return path.read_text()
 
 
-def test_repro_in_apptainer_with_staged_data_matches_the_local_run(
+def test_repro_through_the_apptainer_standin_with_staged_data_matches_the_local_run(
     workspace: Workspace, pipeline_repo: Path, shared_cache: Path, tmp_path: Path
 ):
+    """repro.sbatch with PCAM_SIF and PCAM_STAGE_DATA=1, run by real Slurm, but NOT in Apptainer.
+
+    `apptainer` on the job's PATH is tests/integration/bin/apptainer-standin, which logs its
+    arguments and runs the command on the host in the project venv, with the environment
+    emptied as --cleanenv does (plus APPTAINERENV_*). What this checks: the wrapper's exact
+    `apptainer exec --nv --cleanenv --bind <repo>,<scratch>[,<cache>] IMAGE dvc ...` calls,
+    that the jobs work with only the environment they pass, the image digest, host and commit
+    the job prints, node-local staging and its cleanup, and outputs equal to the local run's.
+    What it does not: no image is built or opened (pcam.sif is a text file the stand-in only
+    checks exists), so not the image's Python and packages; no mount namespace (binds are only
+    checked to exist and to cover the working directory); no GPU behind --nv. The image is
+    tested in tests/integration/test_container.py.
+    """
     ws = workspace
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

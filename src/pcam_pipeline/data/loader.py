@@ -14,8 +14,12 @@ batch_size]` for i = start_batch, start_batch + 1, ... - in memory and streaming
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,19 +379,152 @@ class Split:
 
 
 # ---------------------------------------------------------------------------------------------
+# Feeding the device
+
+
+PREFETCH_BATCHES = 3  # streamed to CUDA: batches copied ahead of the one being trained on
+
+
+class DeviceBatches:
+    """A split's batches on the training device, in an epoch's order, never waiting for it.
+
+    - CPU: the split's own uint8 batches (`Split.batches`), unchanged.
+    - CUDA, the split in memory and within `loader.device_memory_fraction` of the GPU's free
+      memory: the whole uint8 array is copied to the GPU once; each epoch's order (drawn on
+      the CPU from the seeded generator, so the same patches in the same order as on the CPU)
+      goes over once, and every batch is one gather on the GPU.
+    - CUDA otherwise: the split's batches are produced by a background thread into reused
+      pinned buffers and copied on a side stream, `PREFETCH_BATCHES` ahead.
+    """
+
+    def __init__(self, split: Split, device: torch.device, params: LoaderParams) -> None:
+        self.split, self.device = split, device
+        self.images: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.note = ""
+        if device.type != "cuda":
+            self.mode = "host"
+            return
+        self.mode = "prefetch"
+        if split.images is None:
+            self.note = f"{split.path}: streamed from disk ({split.note or 'loader.in_memory'})"
+            return
+        needed = split.length * PATCH_BYTES
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free * params.device_memory_fraction
+        if needed > budget:
+            self.note = (
+                f"{split.path}: {needed / 1e9:.2f} GB does not fit in "
+                f"{params.device_memory_fraction:.0%} of the GPU's {free / 1e9:.2f} GB free; "
+                "prefetching from host memory instead (raise loader.device_memory_fraction "
+                "to hold it on the GPU)"
+            )
+            log.info("%s", self.note)
+            return
+        self.images = split.images.to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.mode = "device"
+
+    def batches(
+        self, order: torch.Tensor, batch_size: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 (B,96,96,3) images and uint8 (B,) labels on the device: `Split.batches`'s
+        contract (batch i holds `order[i * batch_size:(i + 1) * batch_size]`)."""
+        if self.mode == "host":
+            yield from self.split.batches(order, batch_size, start_batch)
+            return
+        if self.mode == "device":
+            assert self.images is not None and self.labels is not None
+            index = order.long().pin_memory().to(self.device, non_blocking=True)
+            for start in range(start_batch * batch_size, len(order), batch_size):
+                rows = index[start : start + batch_size]
+                yield self.images.index_select(0, rows), self.labels.index_select(0, rows)
+            return
+        yield from CudaPrefetcher(
+            self.split.batches(order, batch_size, start_batch), self.device, batch_size
+        )
+
+
+class CudaPrefetcher:
+    """Host batches to the GPU ahead of use: a thread fills reused pinned buffers and copies
+    each on a side stream; the training stream waits for that copy's event, never the host."""
+
+    def __init__(
+        self,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+        batch_size: int,
+        depth: int = PREFETCH_BATCHES,
+    ) -> None:
+        self.batches, self.device, self.depth = batches, device, depth
+        slots = depth + 2  # a slot is refilled only after its copy is done
+        self.pinned = [
+            (
+                torch.empty((batch_size, *PATCH_SHAPE), dtype=torch.uint8).pin_memory(),
+                torch.empty(batch_size, dtype=torch.uint8).pin_memory(),
+            )
+            for _ in range(slots)
+        ]
+        self.copied: list[torch.cuda.Event | None] = [None] * slots
+        self.stream = torch.cuda.Stream(device)
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            with torch.cuda.device(self.device):
+                for i, (x, y) in enumerate(self.batches):
+                    if stop.is_set():
+                        return
+                    slot = i % len(self.pinned)
+                    event = self.copied[slot]
+                    if event is not None:
+                        event.synchronize()
+                    host_x, host_y = self.pinned[slot]
+                    n = len(x)
+                    host_x[:n].copy_(x)
+                    host_y[:n].copy_(y)
+                    with torch.cuda.stream(self.stream):
+                        device_x = host_x[:n].to(self.device, non_blocking=True)
+                        device_y = host_y[:n].to(self.device, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record(self.stream)
+                    self.copied[slot] = done
+                    while not stop.is_set():
+                        try:
+                            out.put((device_x, device_y, done), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+        except BaseException as error:  # handed to the consumer, raised there
+            out.put(error)
+            return
+        out.put(None)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        out: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(out, stop), daemon=True)
+        thread.start()
+        try:
+            compute = torch.cuda.current_stream(self.device)
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                x, y, done = item
+                compute.wait_event(done)
+                # Allocated on the side stream, used on this one: keep the memory until then.
+                x.record_stream(compute)
+                y.record_stream(compute)
+                yield x, y
+        finally:
+            stop.set()
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    out.get(timeout=0.1)
+            thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
 # On the device: copy, normalise, augment (whole batches)
-
-
-def to_device(
-    x: torch.Tensor, y: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 travels (pinned, non-blocking on CUDA); becomes float only on the device."""
-    if device.type == "cuda":
-        if not x.is_pinned():
-            x = x.pin_memory()
-        if not y.is_pinned():
-            y = y.pin_memory()
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def normalise(
@@ -412,50 +549,71 @@ def normalise(
     return images.div_(std.view(1, channels, 1, 1))
 
 
-def augment(
-    images: torch.Tensor, generator: torch.Generator, flip: bool, rot90: bool
-) -> torch.Tensor:
-    """Random horizontal/vertical flips and 90-degree rotations, drawn per patch, batch-wide ops.
+def symmetry_codes(
+    generator: torch.Generator, n: int, flip: bool, rot90: bool
+) -> torch.Tensor | None:
+    """For each of `n` patches, which of the 8 symmetries of the square it gets (0..7), drawn
+    from the CPU `generator`; None when neither augmentation is on.
 
-    Histology has no canonical orientation, so these are label-preserving. The draws come from
-    a CPU generator seeded per batch, so the result does not depend on the device. Per patch the
-    result is rot90(flip_w(flip_h(x)), k); the three steps compose to one of the 8 symmetries of
-    the square (a flip of some axes, then maybe a transpose), so each patch is copied once, by
-    groups of patches that share a symmetry, with no host-device synchronisation.
+    Per patch the augmentation is rot90(flip_w(flip_h(x)), k), with flip_h, flip_w and k drawn
+    in that order. The three compose to a flip of some axes followed by maybe a transpose:
+    bit 0 flips the rows, bit 1 the columns, bit 2 transposes. Drawn on the CPU, so the result
+    does not depend on the device the patches are on.
     """
-    n = images.shape[0]
+    if not (flip or rot90):
+        return None
     flip_h = flip_w = torch.zeros(n, dtype=torch.bool)
     turns = torch.zeros(n, dtype=torch.long)
     if flip:
-        flip_h = torch.rand(n, generator=generator) < 0.5  # dim 2
-        flip_w = torch.rand(n, generator=generator) < 0.5  # dim 3
+        flip_h = torch.rand(n, generator=generator) < 0.5
+        flip_w = torch.rand(n, generator=generator) < 0.5
     if rot90:
         turns = torch.randint(0, 4, (n,), generator=generator)
-    if not (flip or rot90):
-        return images
-    # torch.rot90(x, k, (2, 3)): k=1 flips dim 3 then transposes, k=2 flips both, k=3 flips
-    # dim 2 then transposes. Flips commute, so a patch needs flip(h', w') then transpose(t).
+    # torch.rot90(x, k, (2, 3)): k=1 flips the columns then transposes, k=2 flips both, k=3
+    # flips the rows then transposes. Flips commute, so a patch needs flip(h', w') then
+    # transpose(t).
     h = flip_h ^ ((turns == 2) | (turns == 3))
     w = flip_w ^ ((turns == 1) | (turns == 2))
     t = turns % 2 == 1
-    code = h.long() + 2 * w.long() + 4 * t.long()
-    present = torch.unique(code).tolist()
-    if present == [0]:
-        return images
-    out = torch.empty_like(images)
-    for value in present:
-        dims = [d for d, bit in ((2, 1), (3, 2)) if value & bit]
-        if len(present) == 1:
-            index, part = None, images
-        else:
-            index = torch.nonzero(code == value).flatten().to(images.device)
-            part = torch.index_select(images, 0, index)
-        if dims:
-            part = part.flip(dims)
-        if value & 4:
-            part = part.transpose(2, 3)
-        if index is None:
-            out.copy_(part)
-        else:
-            out.index_copy_(0, index, part)
-    return out
+    return h.long() + 2 * w.long() + 4 * t.long()
+
+
+@functools.lru_cache(maxsize=8)
+def symmetry_tables(size: int, device: torch.device) -> torch.Tensor:
+    """(8, size*size): for each symmetry code, the source pixel of every output pixel."""
+    base = torch.arange(size * size).view(size, size)
+    tables = []
+    for code in range(8):
+        table = base.flip(0) if code & 1 else base
+        table = table.flip(1) if code & 2 else table
+        table = table.t() if code & 4 else table
+        tables.append(table.reshape(-1))
+    return torch.stack(tables).to(device)
+
+
+def apply_symmetries(
+    x: torch.Tensor, codes: torch.Tensor | None, tables: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Patch i of a (B,H,W,C) batch (any dtype, any device) under symmetry `codes[i]`.
+
+    One gather with a fixed shape: no per-group loop, no `unique`/`nonzero`, so nothing waits
+    for the device, and `torch.compile` sees one static graph. A symmetry only moves pixels,
+    so applying it to uint8 patches before normalisation gives the same floats as after.
+    """
+    if codes is None:
+        return x
+    n, height, width, channels = x.shape
+    if height != width:
+        raise ValueError(f"symmetries of the square need square patches, got {height}x{width}")
+    if tables is None:  # given by a caller that compiles this (no cache inside the graph)
+        tables = symmetry_tables(height, x.device)
+    index = tables[codes].unsqueeze(2).expand(n, height * width, channels)
+    return torch.gather(x.reshape(n, height * width, channels), 1, index).view(x.shape)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, flip: bool, rot90: bool) -> torch.Tensor:
+    """Random flips and 90-degree rotations of a (B,H,W,C) batch, drawn per patch.
+
+    Histology has no canonical orientation, so these are label-preserving.
+    """
+    return apply_symmetries(x, symmetry_codes(generator, x.shape[0], flip, rot90))

@@ -1,9 +1,11 @@
-"""The PatchCamelyon file format: names, shapes and the published checksums."""
+"""The PatchCamelyon file format: names, shapes, the published checksums, blank patches."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 Split = Literal["train", "valid", "test"]
@@ -12,6 +14,12 @@ Part = Literal["x", "y"]
 PATCH_SHAPE = (96, 96, 3)
 LABEL_SHAPE = (1, 1, 1)
 ZENODO_RECORD_URL = "https://zenodo.org/records/2546921/files"
+
+
+def blank_mask(x: np.ndarray, black_level: int, white_level: int) -> np.ndarray:
+    """True for patches that are all black (every pixel <= black) or all white (>= white)."""
+    flat = x.reshape(len(x), -1)
+    return (flat.max(axis=1) <= black_level) | (flat.min(axis=1) >= white_level)
 
 
 def file_name(split: str, part: str) -> str:

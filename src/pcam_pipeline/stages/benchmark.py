@@ -23,9 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import resource
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,12 +37,22 @@ import torch
 from torch import nn
 
 from pcam_pipeline.data.hdf5 import PatchBlocks
-from pcam_pipeline.data.loader import Split, augment, normalise
+from pcam_pipeline.data.loader import DeviceBatches, Split, augment, normalise
+from pcam_pipeline.measure import (
+    is_out_of_memory,
+    loader_epoch,
+    median,
+    peak_rss_mb,
+    rate,
+    synchronize,
+    time_training_loop,
+    timed,
+)
 from pcam_pipeline.models import build_model
 from pcam_pipeline.params import BenchmarkParams, Params
 from pcam_pipeline.paths import BENCHMARK_DIR, BENCHMARK_FILE
-from pcam_pipeline.repro import write_json
-from pcam_pipeline.stages.train import data_dir
+from pcam_pipeline.repro import read_json, write_json
+from pcam_pipeline.runtime import data_dir, resolve_device
 
 log = logging.getLogger(__name__)
 LOADER_REPEATS = 5
@@ -53,6 +61,7 @@ TARGET_SPEEDUP = 20.0  # ours vs the per-sample baseline
 TARGET_FRACTION_OF_RAW = 0.5  # streaming vs the raw contiguous read
 TARGET_PATCHES = 20_000  # the targets hold on at least this many patches
 ROW_BUDGET_S = 1.0  # timed seconds per model measurement, at most (keeps the stage short)
+LOOP_BUDGET_S = 2.0  # timed seconds of the training loop per batch size and precision
 
 
 class PerSampleBaseline(torch.utils.data.Dataset):
@@ -72,14 +81,6 @@ class PerSampleBaseline(torch.utils.data.Dataset):
             label = int(handle["y"][index])
         image = np.clip(image / 255.0, 0.0, 1.0).transpose(2, 0, 1)
         return torch.from_numpy(image), label
-
-
-def rate(count: int, seconds: float) -> float:
-    return count / seconds if seconds > 0 else float("inf")
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,14 +135,6 @@ def raw_pread(path: Path, block: int) -> int | None:
         return reader.length
 
 
-def ours_epoch(split: Split, batch_size: int, seed: int) -> int:
-    """One epoch of the uint8 batches the training loop receives; returns the patch count."""
-    seen = 0
-    for x, _ in split.batches(split.epoch_order(torch.Generator().manual_seed(seed)), batch_size):
-        seen += len(x)
-    return seen
-
-
 def per_sample_epoch(path: Path, count: int, batch_size: int, workers: int, seed: int) -> int:
     baseline = PerSampleBaseline(path)
     subset = torch.utils.data.Subset(baseline, range(min(count, len(baseline))))
@@ -185,11 +178,10 @@ def normalise_augment_rates(
         plain.append(images_per_second(lambda _: normalise(x, mean, std)))
         full.append(
             images_per_second(
-                lambda i: augment(
-                    normalise(x, mean, std),
-                    torch.Generator().manual_seed(i),
-                    flags.flip,
-                    flags.rot90,
+                lambda i: normalise(
+                    augment(x, torch.Generator().manual_seed(i), flags.flip, flags.rot90),
+                    mean,
+                    std,
                 )
             )
         )
@@ -234,7 +226,7 @@ def time_loader_designs(
             load_seconds = time.perf_counter() - start
             if split.in_memory:
                 start = time.perf_counter()
-                seen = ours_epoch(split, batch_size, repeat)
+                seen = loader_epoch(split, batch_size, repeat)
                 epoch_seconds = time.perf_counter() - start
                 record("ours_in_memory_img_s", seen, epoch_seconds)
                 record("in_memory_load_img_s", n, load_seconds)
@@ -244,7 +236,7 @@ def time_loader_designs(
             del split
 
             start = time.perf_counter()
-            seen = ours_epoch(Split.open(path, stream_options), batch_size, repeat)
+            seen = loader_epoch(Split.open(path, stream_options), batch_size, repeat)
             record("ours_streaming_img_s", seen, time.perf_counter() - start)
 
             if repeat < BASELINE_REPEATS:  # slow and steady: fewer repeats
@@ -300,47 +292,6 @@ def loader_targets(loader: dict[str, Any]) -> dict[str, Any]:
 # Model throughput
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(
-    fn: Callable[[], None],
-    device: torch.device,
-    warmup: int,
-    iters: int,
-    budget_s: float = ROW_BUDGET_S,
-) -> float:
-    """Seconds per call: up to `warmup` untimed calls, then up to `iters` timed ones, each phase
-    cut short (after at least one call) once `budget_s` has passed; synchronised on CUDA."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-        if time.perf_counter() - start > budget_s:
-            break
-    _synchronize(device)
-    start = time.perf_counter()
-    done = 0
-    while done < iters:
-        fn()
-        done += 1
-        if time.perf_counter() - start > budget_s:
-            break
-    _synchronize(device)
-    return (time.perf_counter() - start) / done
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError for the same thing."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and (
-        "out of memory" in message or "can't allocate memory" in message
-    )
-
-
 def time_model(
     model: nn.Module, device: torch.device, precision: str, batch_size: int, params: BenchmarkParams
 ) -> dict[str, Any]:
@@ -373,12 +324,11 @@ def time_model(
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        warmup, iters = params.warmup_iters, params.timed_iters
         row["train_img_s"] = rate(
-            batch_size, _timed(train_step, device, params.warmup_iters, params.timed_iters)
+            batch_size, timed(train_step, device, warmup, iters, ROW_BUDGET_S)
         )
-        row["infer_img_s"] = rate(
-            batch_size, _timed(infer, device, params.warmup_iters, params.timed_iters)
-        )
+        row["infer_img_s"] = rate(batch_size, timed(infer, device, warmup, iters, ROW_BUDGET_S))
         if device.type == "cuda":
             row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         row["rss_mb"] = psutil.Process().memory_info().rss / 2**20
@@ -409,17 +359,50 @@ def latency(
     samples = []
     with torch.no_grad():
         for i in range(params.warmup_iters + params.latency_iters):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 model(normalise(x, mean, std, device.type == "cuda"))
-            _synchronize(device)
+            synchronize(device)
             if i >= params.warmup_iters:
                 samples.append((time.perf_counter() - start) * 1000)
     return {
         "p50_ms": float(np.percentile(samples, 50)),
         "p95_ms": float(np.percentile(samples, 95)),
     }
+
+
+def time_loops(params: Params) -> dict[str, Any]:
+    """The training loop `pcam train` runs here (its device, data and compile mode), end to end
+    against the same step on resident data, per batch size and precision: see
+    `measure.time_training_loop`. On the CPU train never uses bf16, so only fp32 is timed."""
+    bp = params.benchmark
+    device = resolve_device(params.train.device)
+    directory = data_dir()
+    split = Split.open(directory / "train.h5", params.loader)
+    stats = read_json(directory / "stats.json")
+    mean = torch.tensor(stats["mean"], device=device)
+    std = torch.tensor(stats["std"], device=device)
+    feeder = DeviceBatches(split, device, params.loader)
+    precisions = bp.precisions if device.type == "cuda" else ["fp32"]
+    rows = []
+    for precision in precisions:
+        for batch_size in bp.batch_sizes:
+            train = params.train.model_copy(
+                update={"batch_size": batch_size, "bf16": precision == "bf16"}
+            )
+            row = time_training_loop(
+                train, params.loader, feeder, mean, std, bp.warmup_iters, LOOP_BUDGET_S
+            )
+            if row.get("oom"):
+                log.warning(
+                    "benchmark loop %s %s batch %d: out of memory (recorded as a result)",
+                    device.type,
+                    precision,
+                    batch_size,
+                )
+            rows.append(row)
+    return {"rows": rows, "feeder": feeder.mode, "feeder_note": feeder.note}
 
 
 def time_models(params: Params) -> dict[str, Any]:
@@ -488,10 +471,6 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def headline_series(params: Params) -> str:
     """The device and precision the train stage would use here."""
     cuda = torch.cuda.is_available() and params.train.device != "cpu"
@@ -506,8 +485,11 @@ def run(params: Params) -> dict[str, Any]:
     results["loader"] = loader
     loader_done = time.perf_counter()
     results["models"] = time_models(params)
+    models_done = time.perf_counter()
+    results["loop"] = time_loops(params)
     results["seconds_loader"] = loader_done - started
-    results["seconds_models"] = time.perf_counter() - loader_done
+    results["seconds_models"] = models_done - loader_done
+    results["seconds_loop"] = time.perf_counter() - models_done
     results["targets"] = loader_targets(loader)
     headline = headline_series(params)
     rows = [
@@ -544,8 +526,15 @@ def metrics_from(results: dict[str, Any]) -> dict[str, Any]:
     for r in rows:
         key = f"{r['device']}_{r['precision']}_bs{r['batch_size']}"
         model[key] = {k: v for k, v in r.items() if k.endswith(("_img_s", "_mb")) or k == "oom"}
+    loop = {
+        f"{r['device']}_{r['precision']}_bs{r['batch_size']}": {
+            k: v for k, v in r.items() if isinstance(v, int | float) and k != "batch_size"
+        }
+        for r in results["loop"]["rows"]
+    }
     metrics: dict[str, Any] = {
         "loader": results["loader"],
+        "loop": loop,
         "model": model,
         "latency_batch1": results["models"]["latency_batch1"],
         "memory": results["memory"],
@@ -553,6 +542,7 @@ def metrics_from(results: dict[str, Any]) -> dict[str, Any]:
         "seconds": results["seconds"],
         "seconds_loader": results["seconds_loader"],
         "seconds_models": results["seconds_models"],
+        "seconds_loop": results["seconds_loop"],
         "environment": results["environment"],
         "headline_series": results["headline_series"],
         "skipped": results["models"]["skipped"],
@@ -585,6 +575,18 @@ def write_reports(results: dict[str, Any]) -> None:
             }
             for r in rows
             if f"{r['device']}_{r['precision']}" == headline
+        ],
+    )
+    write_json(
+        BENCHMARK_DIR / "loop.json",
+        [
+            {
+                "batch_size": r["batch_size"],
+                "series": f"{r['device']}_{r['precision']}",
+                "end_to_end_img_s": r.get("end_to_end_img_s"),
+                "resident_img_s": r.get("resident_img_s"),
+            }
+            for r in results["loop"]["rows"]
         ],
     )
     write_json(
@@ -630,4 +632,17 @@ def main(params: Params) -> None:
             log.warning("benchmark target not met: %s", name)
     for reason in results["models"]["skipped"]:
         log.info("benchmark skipped %s", reason)
+    for row in results["loop"]["rows"]:
+        if "end_to_end_img_s" in row:
+            log.info(
+                "training loop %s %s batch %d: %.0f img/s end to end, %.0f with the data on "
+                "the device (fed %.0f%%): a PCAM epoch in %.1f s",
+                row["device"],
+                row["precision"],
+                row["batch_size"],
+                row["end_to_end_img_s"],
+                row["resident_img_s"],
+                100 * row["fed_fraction"],
+                row["pcam_epoch_s"],
+            )
     log.info("benchmark done in %.1f s", results["seconds"])

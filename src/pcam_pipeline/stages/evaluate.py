@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pcam_pipeline.data.loader import Split
+from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.metrics import auroc, choose_threshold, classification_report, majority_baseline
 from pcam_pipeline.params import EvaluateParams, Params
@@ -24,8 +24,8 @@ from pcam_pipeline.paths import (
     METRICS_FILE,
     SLICES_FILE,
 )
-from pcam_pipeline.repro import write_json
-from pcam_pipeline.stages.train import data_dir, resolve_device
+from pcam_pipeline.repro import atomic_path, write_json
+from pcam_pipeline.runtime import data_dir, resolve_device, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def main(params: Params) -> None:
 
     device = resolve_device(params.train.device)
     model, mean, std, checkpoint = model_from_checkpoint(BEST_CHECKPOINT, device)
-    bf16 = params.train.bf16 and device.type == "cuda"
+    bf16 = uses_bf16(params.train.bf16, device)
     directory = data_dir()
     splits = {
         name: Split.open(directory / f"{name}.h5", params.loader)
@@ -142,7 +142,12 @@ def main(params: Params) -> None:
     }
     probs = {
         name: predict_split(
-            model, splits[name], mean, std, device, params.evaluate.batch_size, bf16
+            model,
+            DeviceBatches(splits[name], device, params.loader),
+            mean,
+            std,
+            params.evaluate.batch_size,
+            bf16,
         )
         for name in ("valid", "test")
     }
@@ -183,8 +188,6 @@ def main(params: Params) -> None:
         labels["test"], probs["test"], threshold, params.evaluate.n_error_examples
     )
     figure = error_grid(images, labels["test"], probs["test"], indices)
-    from pcam_pipeline.repro import atomic_path
-
     with atomic_path(ERRORS_IMAGE) as tmp:
         figure.savefig(tmp, format="png", dpi=80)
     t = report["test"]

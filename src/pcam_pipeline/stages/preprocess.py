@@ -17,12 +17,11 @@ import h5py
 import numpy as np
 
 from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, ProcessedWriter, scan_blocks
-from pcam_pipeline.data.pcam import SPLITS, split_files
+from pcam_pipeline.data.pcam import SPLITS, blank_mask, split_files
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import Params, PreprocessParams, ValidateParams
 from pcam_pipeline.paths import PCAM_DIR, PREPROCESS_REPORT, PROCESSED_DIR
 from pcam_pipeline.repro import write_json
-from pcam_pipeline.stages.validate import blank_mask
 
 log = logging.getLogger(__name__)
 STATS_FILE = "stats.json"

@@ -12,9 +12,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,83 +22,28 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from pcam_pipeline.data.loader import Split, augment, epoch_generator, normalise, to_device
+from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.inference import predict_split
 from pcam_pipeline.metrics import auroc
-from pcam_pipeline.models import build_model
-from pcam_pipeline.params import Params, TrainParams
-from pcam_pipeline.paths import (
-    BEST_CHECKPOINT,
-    LAST_CHECKPOINT,
-    PROCESSED_DIR,
-    TRAIN_DATA_DIR_ENV,
-    TRAIN_LIVE_DIR,
-)
+from pcam_pipeline.params import Params
+from pcam_pipeline.paths import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAIN_LIVE_DIR
 from pcam_pipeline.preemption import Preempted, StopFlag
 from pcam_pipeline.repro import (
     load_checkpoint,
-    provenance,
+    md5_file,
+    package_versions,
     read_json,
+    run_record,
     save_checkpoint,
     seed_everything,
+    write_json,
 )
+from pcam_pipeline.runtime import data_dir, resolve_device, uses_bf16
+from pcam_pipeline.training import SUM_KEYS, Loop, RunningSums
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get(TRAIN_DATA_DIR_ENV, PROCESSED_DIR))
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "train.device is 'cuda' but no CUDA device is visible; "
-            "use 'auto' or 'cpu', or run on a GPU node (`--gpus=1`)"
-        )
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def lr_factor(params: TrainParams, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of train.lr at a global step: warm-up, then the chosen schedule."""
-    total = params.epochs * steps_per_epoch
-    warmup = params.warmup_epochs * steps_per_epoch
-    if params.schedule == "onecycle":
-        peak = max(int(0.3 * total), 1)
-        if step < peak:
-            return 0.04 + 0.96 * step / peak
-        decay = (step - peak) / max(total - peak, 1)
-        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * decay))
-    if step < warmup:
-        return (step + 1) / warmup
-    if params.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-    if params.schedule == "step":
-        return params.gamma ** ((step - warmup) // (params.step_size * steps_per_epoch))
-    return 1.0  # constant, and plateau (whose decay is applied per epoch)
-
-
-def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
-    if params.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=params.lr,
-            momentum=params.momentum,
-            weight_decay=params.weight_decay,
-            nesterov=True,
-        )
-    return torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-
-
-def class_weights(labels: np.ndarray) -> np.ndarray:
-    """Per-sample weights that make both classes equally likely under WeightedRandomSampler."""
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    return (1.0 / np.maximum(counts, 1))[labels]
 
 
 def fingerprint(params: Params, data_md5: dict[str, str], order: str) -> str:
@@ -122,11 +67,7 @@ class Progress:
 
     epoch: int = 0
     batch: int = 0
-    sums: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(
-            ("loss", "correct", "seen", "grad_norm", "steps"), 0.0
-        )
-    )
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_KEYS, 0.0))
     history: list[dict[str, float]] = field(default_factory=list)
     best_value: float | None = None
     best_epoch: int | None = None
@@ -146,20 +87,19 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
 
 def evaluate_split(
     model: nn.Module,
-    split: Split,
+    split: DeviceBatches,
     mean: torch.Tensor,
     std: torch.Tensor,
-    device: torch.device,
     bf16: bool,
 ) -> dict[str, float]:
-    probs = predict_split(model, split, mean, std, device, 256, bf16)
-    labels = split.labels.astype(np.float64)
+    probs = predict_split(model, split, mean, std, 256, bf16)
+    labels = split.split.labels.astype(np.float64)
     clipped = np.clip(probs, 1e-7, 1 - 1e-7)
     loss = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
     return {
         "val_loss": loss,
         "val_accuracy": float(((probs >= 0.5) == labels).mean()),
-        "val_auroc": auroc(split.labels, probs),
+        "val_auroc": auroc(split.split.labels, probs),
     }
 
 
@@ -230,38 +170,39 @@ def try_resume(path: Path, expected: str) -> dict[str, Any] | None:
 
 
 class Trainer:
-    """One training run: the model, its optimiser and the loop's progress."""
+    """One training run: the loop (model, optimiser, step, data on the device) and its progress,
+    checkpointed so that a stopped run resumes to the same bytes."""
 
     def __init__(self, params: Params) -> None:
         self.params, self.tp = params, params.train
         seed_everything(self.tp.seed)
         self.device = resolve_device(self.tp.device)
-        self.bf16 = self.tp.bf16 and self.device.type == "cuda"
+        self.bf16 = uses_bf16(self.tp.bf16, self.device)
         directory = data_dir()
         self.train_split = Split.open(directory / "train.h5", params.loader)
         self.valid_split = Split.open(directory / "valid.h5", params.loader)
         self.mean, self.std = load_stats(directory, self.device)
-        files = [directory / "train.h5", directory / "valid.h5", directory / "stats.json"]
-        found = provenance(files)
         # Keyed by file name, not path: a run on a staged copy (PCAM_TRAIN_DATA_DIR) of the same
         # files writes the same checkpoint bytes as one reading data/processed.
-        data_md5 = {Path(k).name: v for k, v in found["data_md5"].items()}
-        # Bit-identity holds for the same device and CPU thread count: record both.
+        data_md5 = {
+            name: md5_file(directory / name) for name in ("stats.json", "train.h5", "valid.h5")
+        }
+        # What the weights depend on besides params and data. Bit-identity holds for the same
+        # device and CPU thread count, so both are recorded. Where and when the run happened
+        # (commit, host, time) is no part of the weights: it goes to the provenance record.
         self.provenance = {
-            **found,
             "data_md5": data_md5,
+            "versions": package_versions(),
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),
         }
         self.order = split_order(self.train_split)
         self.fingerprint = fingerprint(params, data_md5, self.order)
-        self.model = build_model(self.tp).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, self.tp)
+        self.loop = Loop(self.tp, params.loader, self.train_split, self.mean, self.std, self.device)
+        self.model, self.optimizer = self.loop.model, self.loop.optimizer
+        self.valid_batches = DeviceBatches(self.valid_split, self.device, params.loader)
         self.progress = Progress()
-        self.steps_per_epoch = -(-self.train_split.length // self.tp.batch_size)
-        self.weights = class_weights(self.train_split.labels) if self.tp.balanced_sampler else None
+        self.steps_per_epoch = self.loop.steps_per_epoch
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -289,62 +230,28 @@ class Trainer:
             "normalisation": {"mean": self.mean.tolist(), "std": self.std.tolist()},
         }
 
-    def train_epoch(self, stop: StopFlag) -> None:
-        tp, progress = self.tp, self.progress
-        self.model.train()
-        order = self.train_split.epoch_order(epoch_generator(tp.seed, progress.epoch), self.weights)
-        loss_fn = nn.BCEWithLogitsLoss()
-        batches = self.train_split.batches(order, tp.batch_size, progress.batch)
-        bar = tqdm(
-            batches,
-            total=self.steps_per_epoch,
-            initial=progress.batch,
-            leave=False,
-            desc=f"epoch {progress.epoch + 1}/{tp.epochs}",
-            disable=None,
-        )
-        for x, y in bar:
-            step = progress.epoch * self.steps_per_epoch + progress.batch
-            for group in self.optimizer.param_groups:
-                group["lr"] = (
-                    tp.lr * lr_factor(tp, step, self.steps_per_epoch) * (progress.plateau_scale)
-                )
-            x, y = to_device(x, y, self.device)
-            images = normalise(x, self.mean, self.std, channels_last=self.device.type == "cuda")
-            generator = epoch_generator(tp.seed, progress.epoch, salt=1 + progress.batch)
-            images = augment(images, generator, tp.augment.flip, tp.augment.rot90)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.model(images)
-            loss = loss_fn(logits.float(), y.float())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = tp.grad_clip if tp.grad_clip > 0 else float("inf")
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            self.optimizer.step()
+    def save(self, path: Path, checkpoint: dict[str, Any] | None = None) -> None:
+        """The checkpoint, then its provenance record beside it (see `save_with_record`)."""
+        save_with_record(path, checkpoint or self.checkpoint())
 
-            n = len(y)
-            sums = progress.sums
-            sums["loss"] += loss.item() * n
-            sums["correct"] += float(((logits.detach() > 0) == y.bool()).sum())
-            sums["seen"] += n
-            sums["grad_norm"] += float(grad_norm)
-            sums["steps"] += 1
-            progress.batch += 1
-            bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}")
-            log.debug(
-                "epoch %d batch %d/%d loss %.4f",
-                progress.epoch + 1,
-                progress.batch,
-                self.steps_per_epoch,
-                loss.item(),
+    def train_epoch(self, stop: StopFlag) -> None:
+        progress = self.progress
+        sums = RunningSums(self.device, progress.sums)
+        progress.batch = self.loop.run(
+            progress.epoch,
+            progress.batch,
+            sums,
+            lr_scale=progress.plateau_scale,
+            should_stop=lambda: stop.signal is not None,
+        )
+        progress.sums = sums.read()
+        if stop.signal is not None:
+            self.save(LAST_CHECKPOINT)
+            raise Preempted(
+                f"stopped by {signal.Signals(stop.signal).name} at epoch "
+                f"{progress.epoch + 1}, batch {progress.batch}; {LAST_CHECKPOINT} saved: "
+                "run the train stage again (`dvc repro`) to resume"
             )
-            if stop.signal is not None:
-                save_checkpoint(LAST_CHECKPOINT, self.checkpoint())
-                raise Preempted(
-                    f"stopped by {signal.Signals(stop.signal).name} at epoch "
-                    f"{progress.epoch + 1}, batch {progress.batch}; {LAST_CHECKPOINT} saved: "
-                    "run the train stage again (`dvc repro`) to resume"
-                )
 
     def end_epoch(self) -> dict[str, float]:
         tp, progress, sums = self.tp, self.progress, self.progress.sums
@@ -354,9 +261,7 @@ class Trainer:
             "train_accuracy": sums["correct"] / sums["seen"],
             "grad_norm": sums["grad_norm"] / sums["steps"],
             "lr": self.optimizer.param_groups[0]["lr"],
-            **evaluate_split(
-                self.model, self.valid_split, self.mean, self.std, self.device, self.bf16
-            ),
+            **evaluate_split(self.model, self.valid_batches, self.mean, self.std, self.bf16),
         }
         if tp.schedule == "plateau":
             if progress.history and row["val_loss"] >= min(r["val_loss"] for r in progress.history):
@@ -372,13 +277,27 @@ class Trainer:
             progress.best_value, progress.best_epoch = value, progress.epoch + 1
             best = self.checkpoint()
             best["progress"] = {**best["progress"], "complete": True}
-            save_checkpoint(BEST_CHECKPOINT, best)
+            self.save(BEST_CHECKPOINT, best)
         progress.epoch += 1
         progress.batch = 0
         progress.sums = Progress().sums
         progress.complete = progress.epoch >= tp.epochs
-        save_checkpoint(LAST_CHECKPOINT, self.checkpoint())
+        self.save(LAST_CHECKPOINT)
         return row
+
+
+def save_with_record(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint, then `<name>.provenance.json` beside it: the commit, host, time and
+    job that made it, with the checkpoint's md5. The record is not a DVC output, so where and
+    when a run happened never changes the hashes in dvc.lock."""
+    save_checkpoint(path, checkpoint)
+    write_json(
+        provenance_path(path), {"checkpoint": path.name, "md5": md5_file(path), **run_record()}
+    )
+
+
+def provenance_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.provenance.json")
 
 
 def log_epoch(live: Any, row: dict[str, float]) -> None:
@@ -389,44 +308,53 @@ def log_epoch(live: Any, row: dict[str, float]) -> None:
     live.next_step()
 
 
+def fit(params: Params, stop: StopFlag, log_row: Callable[[dict[str, float]], None]) -> Trainer:
+    """Train to the last epoch, resuming from models/last.pt when it is an unfinished run of
+    these params on this data; `log_row` gets every epoch's row (replayed ones first)."""
+    trainer = Trainer(params)
+    resumed = try_resume(LAST_CHECKPOINT, trainer.fingerprint)
+    if resumed is not None:
+        trainer.restore(resumed)
+    log.info(
+        "training %d epochs of %d batches on %s, starting at epoch %d batch %d",
+        params.train.epochs,
+        trainer.steps_per_epoch,
+        trainer.device,
+        trainer.progress.epoch + 1,
+        trainer.progress.batch,
+    )
+    for row in trainer.progress.history:
+        log_row(row)
+    while trainer.progress.epoch < params.train.epochs:
+        if stop.signal is not None:  # arrived between epochs: last.pt is up to date
+            trainer.save(LAST_CHECKPOINT)
+            raise Preempted(
+                f"stopped by {signal.Signals(stop.signal).name} before epoch "
+                f"{trainer.progress.epoch + 1}; {LAST_CHECKPOINT} saved: run the train "
+                "stage again (`dvc repro`) to resume"
+            )
+        trainer.train_epoch(stop)
+        row = trainer.end_epoch()
+        log_row(row)
+        log.info(
+            "epoch %d: %s",
+            row["epoch"],
+            ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"),
+        )
+    if trainer.progress.best_epoch is None:
+        raise RuntimeError(f"no epoch improved {params.train.select_metric}; nothing saved as best")
+    return trainer
+
+
 def main(params: Params) -> None:
     from dvclive import Live
 
     # Installed first: a SIGUSR1/SIGTERM while the data loads is honoured at the first boundary
-    # instead of killing the process with the signal's default action.
-    with StopFlag() as stop:
-        trainer = Trainer(params)
-        resumed = try_resume(LAST_CHECKPOINT, trainer.fingerprint)
-        if resumed is not None:
-            trainer.restore(resumed)
-        log.info(
-            "training %d epochs of %d batches on %s, starting at epoch %d batch %d",
-            params.train.epochs,
-            trainer.steps_per_epoch,
-            trainer.device,
-            trainer.progress.epoch + 1,
-            trainer.progress.batch,
-        )
-        # Live() empties the log directory (and DVC removes it before the stage runs): a resumed
-        # run replays the finished epochs' history, so the logs end identical to an unbroken run.
-        with Live(str(TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-            for row in trainer.progress.history:
-                log_epoch(live, row)
-            while trainer.progress.epoch < params.train.epochs:
-                if stop.signal is not None:  # arrived between epochs: last.pt is up to date
-                    save_checkpoint(LAST_CHECKPOINT, trainer.checkpoint())
-                    raise Preempted(
-                        f"stopped by {signal.Signals(stop.signal).name} before epoch "
-                        f"{trainer.progress.epoch + 1}; {LAST_CHECKPOINT} saved: run the train "
-                        "stage again (`dvc repro`) to resume"
-                    )
-                trainer.train_epoch(stop)
-                row = trainer.end_epoch()
-                log_epoch(live, row)
-                log.info(
-                    "epoch %d: %s",
-                    row["epoch"],
-                    ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"),
-                )
-    if trainer.progress.best_epoch is None:
-        raise RuntimeError(f"no epoch improved {params.train.select_metric}; nothing saved as best")
+    # instead of killing the process with the signal's default action. Live() empties the log
+    # directory (and DVC removes it before the stage runs): a resumed run replays the finished
+    # epochs' history, so the logs end identical to an unbroken run's.
+    with (
+        StopFlag() as stop,
+        Live(str(TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live,
+    ):
+        fit(params, stop, lambda row: log_epoch(live, row))

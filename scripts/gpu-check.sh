@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU check, one command on a GPU node (a few minutes): a PCAM-sized split through validate
+# and preprocess, the training loop end to end against the same step on resident data (batch
+# size x precision x train.compile), then the CUDA tests (`pytest -m gpu`).
+#
+#   scripts/gpu-check.sh [OUT_DIR]          # default reports/gpu-check
+#   PCAM_BASELINE=DIR scripts/gpu-check.sh  # also time an earlier checkout's loop beside it
+#
+# Needs python3 with torch (CUDA), h5py, numpy, scipy, scikit-learn, pydantic, pyyaml, tqdm,
+# psutil and pytest; not DVC (the stages' functions are called directly).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-reports/gpu-check}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+baseline=()
+[[ -n "${PCAM_BASELINE:-}" ]] && baseline=(--baseline "$PCAM_BASELINE")
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/nvidia-smi.txt"
+python3 -m pcam_pipeline.gpucheck --out "$out/gpu-check.json" "${baseline[@]}" \
+  ${PCAM_GPU_CHECK_ARGS:-} | tee "$out/gpu-check.txt"
+python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
