@@ -173,3 +173,37 @@ def test_out_of_memory_at_a_batch_size_is_a_result():
     assert "out of memory" in row["error"]
     small = benchmark.time_model(model, device, "bf16", 64, params.benchmark)
     assert small["train_img_s"] > 0, "the GPU is usable again after the OOM"
+
+
+def test_ddp_on_one_gpu_trains_exactly_as_the_plain_loop(tiny_data, tmp_path):
+    """DistributedDataParallel (NCCL, a group of one) changes nothing but the wrapper's cost."""
+    import os
+
+    import torch.distributed as dist
+
+    from pcam_pipeline.distributed import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        states = []
+        for ddp in (False, True):
+            with workdir(tmp_path, tiny_data):
+                trainer = train.Trainer(small_run_params(train=CUDA))
+            params = trainer.tp
+            torch.manual_seed(params.seed)
+            loop = Loop(
+                params,
+                trainer.params.loader,
+                trainer.train_split,
+                trainer.mean,
+                trainer.std,
+                trainer.device,
+                ddp=ddp,
+            )
+            loop.run(0, 0, RunningSums(trainer.device))
+            states.append({k: v.cpu() for k, v in loop.model.state_dict().items()})
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    finally:
+        dist.destroy_process_group()

@@ -30,6 +30,7 @@ import torch
 
 from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.data.pcam import SPLITS
+from pcam_pipeline.distributed import free_port
 from pcam_pipeline.measure import PCAM_TRAIN_PATCHES, time_training_loop
 from pcam_pipeline.params import Params, load_params
 from pcam_pipeline.paths import PARAMS_FILE
@@ -48,6 +49,12 @@ CONFIGS: tuple[tuple[int, str, str], ...] = (
     (1024, "bf16", "reduce-overhead"),
 )
 BASELINE_BATCHES = (64, 256, 1024)
+# DistributedDataParallel on one GPU (a process group of one) against the plain loop above.
+DDP_CONFIGS: tuple[tuple[int, str, str], ...] = (
+    (64, "bf16", "off"),
+    (256, "bf16", "off"),
+    (1024, "bf16", "off"),
+)
 
 
 def gpu_environment() -> dict[str, Any]:
@@ -104,7 +111,14 @@ def prepare_data(params: Params, root: Path, patches: int) -> dict[str, Any]:
     return result
 
 
-def time_loops(params: Params, processed: Path, budget_s: float, record: Any) -> None:
+def time_loops(
+    params: Params,
+    processed: Path,
+    budget_s: float,
+    record: Any,
+    configs: tuple[tuple[int, str, str], ...] = CONFIGS,
+    ddp_too: bool = True,
+) -> None:
     device = torch.device("cuda")
     split = Split.open(processed / "train.h5", params.loader)
     stats = read_json(processed / "stats.json")
@@ -115,7 +129,7 @@ def time_loops(params: Params, processed: Path, budget_s: float, record: Any) ->
     torch.cuda.synchronize()
     record("feeder", {"mode": feeder.mode, "to_device_s": time.perf_counter() - start})
     rows = []
-    for batch_size, precision, compile_mode in CONFIGS:
+    for batch_size, precision, compile_mode in configs:
         train = params.train.model_copy(
             update={
                 "batch_size": batch_size,
@@ -132,6 +146,32 @@ def time_loops(params: Params, processed: Path, budget_s: float, record: Any) ->
         log.info("%s", row)
         rows.append(row)
         record("loop", rows)
+    if not ddp_too:
+        return
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        ddp_rows = []
+        for batch_size, precision, compile_mode in DDP_CONFIGS:
+            train = params.train.model_copy(
+                update={
+                    "batch_size": batch_size,
+                    "bf16": precision == "bf16",
+                    "compile": compile_mode,
+                    "device": "cuda",
+                }
+            )
+            row = time_training_loop(
+                train, params.loader, feeder, mean, std, 20, budget_s, ddp=True
+            )
+            log.info("%s", row)
+            ddp_rows.append(row)
+            record("ddp_one_gpu", ddp_rows)
+    finally:
+        dist.destroy_process_group()
 
 
 BASELINE_SCRIPT = r"""
@@ -227,6 +267,27 @@ def table(result: dict[str, Any]) -> str:
             f"| {name} | {row['end_to_end_img_s']:,.0f} | {row['resident_img_s']:,.0f} "
             f"| {row['fed_fraction']:.2f} | {row['pcam_epoch_s']:.2f} | {before_text} |"
         )
+    plain = {
+        row["batch_size"]: row["end_to_end_img_s"]
+        for row in result.get("loop", [])
+        if row.get("compile") == "off"
+        and row.get("precision") == "bf16"
+        and "end_to_end_img_s" in row
+    }
+    if result.get("ddp_one_gpu"):
+        lines += [
+            "",
+            "| batch, bf16 | DDP on one GPU img/s | plain img/s | DDP / plain |",
+            "|---|---|---|---|",
+        ]
+        for row in result["ddp_one_gpu"]:
+            if "end_to_end_img_s" not in row or row["batch_size"] not in plain:
+                continue
+            base = plain[row["batch_size"]]
+            lines.append(
+                f"| {row['batch_size']} | {row['end_to_end_img_s']:,.0f} | {base:,.0f} "
+                f"| {row['end_to_end_img_s'] / base:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -238,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=4.0, help="timed seconds per row")
     parser.add_argument("--baseline", type=Path, help="an earlier checkout to time beside")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    parser.add_argument(
+        "--configs",
+        help="rows to time, e.g. 64:bf16:off,1024:bf16:reduce-overhead (default: the full table)",
+    )
+    parser.add_argument("--no-ddp", action="store_true", help="skip DDP on one GPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -256,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = time.perf_counter()
         record("data", prepare_data(params, work, args.patches))
-        time_loops(params, work / "processed", args.budget, record)
+        configs = CONFIGS
+        if args.configs:
+            configs = tuple(
+                (int(size), precision, mode)
+                for size, precision, mode in (item.split(":") for item in args.configs.split(","))
+            )
+        time_loops(params, work / "processed", args.budget, record, configs, not args.no_ddp)
         if args.baseline is not None:
             try:
                 record("baseline", time_baseline(args.baseline, work / "processed", work))

@@ -99,6 +99,7 @@ def time_training_loop(
     std: torch.Tensor,
     warmup_steps: int,
     budget_s: float,
+    ddp: bool = False,
 ) -> dict[str, Any]:
     """The training loop `pcam train` runs, fed by the real loader (end to end), against the
     same step on batches already on the device (resident), with `train`'s batch size,
@@ -106,9 +107,11 @@ def time_training_loop(
 
     End to end is `Loop.run` over an epoch of the split (its order, augmentation codes and
     feeding included), stopped once `budget_s` has passed; resident is the same number of
-    steps of the same `TrainStep` with no loader and no accounting. fed_fraction is end to end
+    steps of the same `TrainStep`, with its running sums, on batches already on the device:
+    what differs is the loader alone. fed_fraction is end to end
     over resident: the share of the step's own speed the whole loop keeps. Out of memory is
-    a result, not an error.
+    a result, not an error. `ddp`: the model wrapped in DistributedDataParallel (in a process
+    group of one, already initialised), to measure the wrapper's cost.
     """
     device = feeder.device
     row: dict[str, Any] = {
@@ -117,10 +120,11 @@ def time_training_loop(
         "batch_size": train.batch_size,
         "compile": train.compile,
         "feeder": feeder.mode,
+        "ddp": ddp,
     }
     try:
         torch.manual_seed(train.seed)
-        loop = Loop(train, loader, feeder.split, mean, std, device, feeder=feeder)
+        loop = Loop(train, loader, feeder.split, mean, std, device, feeder=feeder, ddp=ddp)
         # Warm-up (and compilation): a few steps of an epoch, untimed.
         started = time.perf_counter()
         warm_steps = max(warmup_steps, 1)
@@ -140,10 +144,12 @@ def time_training_loop(
         resident = list(resident_batches(loop, train.batch_size, steps))
         for x, y, codes in resident[: min(warm_steps, len(resident))]:
             loop.step(x, y, codes, train.lr)
+        resident_sums = RunningSums(device)
         synchronize(device)
         start = time.perf_counter()
         for x, y, codes in resident:
-            loop.step(x, y, codes, train.lr)
+            total, correct, grad_norm = loop.step(x, y, codes, train.lr)
+            resident_sums.add(total, correct, len(y), grad_norm)
         synchronize(device)
         row["resident_img_s"] = rate(steps * train.batch_size, time.perf_counter() - start)
         row["fed_fraction"] = row["end_to_end_img_s"] / row["resident_img_s"]

@@ -8,7 +8,7 @@ dotted path, what was found, and what is allowed, so a typo in params.yaml (or i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -123,6 +123,9 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"]
     bf16: bool  # bf16 autocast, CUDA only
     compile: Literal["off", "default", "reduce-overhead"]  # torch.compile of the train step
+    # Training processes (DDP): N, or auto = every visible GPU (one on the CPU). In a Slurm
+    # allocation of several tasks, one per task.
+    devices: Literal["auto"] | Annotated[int, Field(ge=1)]
     select_metric: Literal["val_auroc", "val_loss", "val_accuracy"]
 
     @field_validator("compile", mode="before")

@@ -30,6 +30,7 @@ from pcam_pipeline.data.loader import (
     symmetry_codes,
     symmetry_tables,
 )
+from pcam_pipeline.distributed import SINGLE, World
 from pcam_pipeline.models import INPUT_SHAPE, build_model
 from pcam_pipeline.params import LoaderParams, TrainParams
 from pcam_pipeline.runtime import uses_bf16, uses_channels_last
@@ -113,9 +114,10 @@ class RunningSums:
         self.seen, self.steps = int(start["seen"]), int(start["steps"])
 
     def add(
-        self, loss: torch.Tensor, correct: torch.Tensor, n: int, grad_norm: torch.Tensor
+        self, loss_total: torch.Tensor, correct: torch.Tensor, n: int, grad_norm: torch.Tensor
     ) -> None:
-        step = torch.stack((loss.detach().double() * n, correct.double(), grad_norm.double()))
+        """One step: its loss summed over its `n` patches (float64), correct count, grad norm."""
+        step = torch.stack((loss_total, correct.double(), grad_norm.double()))
         self.on_device += step
         self.seen += n
         self.steps += 1
@@ -149,8 +151,10 @@ class TrainStep:
         mean: torch.Tensor,
         std: torch.Tensor,
         device: torch.device,
+        world_size: int = 1,
     ) -> None:
         self.model, self.optimizer, self.params = model, optimizer, params
+        self.world_size = world_size
         self.mean, self.std, self.device = mean, std, device
         self.bf16 = uses_bf16(params.bf16, device)
         self.channels_last = uses_channels_last(device)
@@ -165,35 +169,78 @@ class TrainStep:
             )
 
     def _forward_loss(
-        self, x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor | None, global_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         turned = apply_symmetries(x, codes, self.tables)
         images = normalise(turned, self.mean, self.std, self.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(images)
         target = y.float()
-        loss = self.loss_fn(logits.float(), target)
+        if self.world_size == 1:
+            loss = self.loss_fn(logits.float(), target)
+            total = loss.detach().double() * len(y)
+        else:
+            # This worker's share of the global batch's mean: DDP averages the gradients over
+            # the workers, so the sum over this shard times (workers / global batch) makes the
+            # update that of the whole batch's mean loss, whatever the shards' sizes.
+            summed = nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), target, reduction="sum"
+            )
+            loss = summed * (self.world_size / global_size)
+            total = summed.detach().double()
         # Compared as floats: Inductor's CPU code cannot compare a float mask with a byte one.
         correct = ((logits.detach() > 0).float() == target).sum()
-        return loss, correct
+        return loss, total, correct
 
     def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor | None, lr: float
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        codes: torch.Tensor | None,
+        lr: float,
+        global_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, correct count, gradient norm before clipping), all on the device."""
+        """(loss summed over the batch in float64, correct count, gradient norm before
+        clipping), all on the device. `global_size`: the global batch this one is a shard of."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss, correct = self.forward_loss(x, y, codes)
+        loss, total, correct = self.forward_loss(x, y, codes, global_size or len(y))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
         self.optimizer.step()
-        return loss, correct, grad_norm
+        return total, correct, grad_norm
+
+
+def shard_positions(length: int, batch_size: int, world: World) -> tuple[torch.Tensor, list[int]]:
+    """This worker's positions in an epoch's order, and the global batch size of each step.
+
+    Global batch i is `order[i * batch_size:(i + 1) * batch_size]`, as in one process; worker r
+    takes its r-th contiguous part (`batch_size / workers` patches; of a short last batch of L
+    patches, `L * r // workers` to `L * (r + 1) // workers`), so the workers together see
+    exactly the patches one process sees, in the same steps. A last batch smaller than the
+    number of workers is dropped (a worker cannot take an empty step).
+    """
+    parts, sizes = [], []
+    for start in range(0, length, batch_size):
+        size = min(batch_size, length - start)
+        if size < world.size:
+            break
+        lo = start + size * world.rank // world.size
+        hi = start + size * (world.rank + 1) // world.size
+        parts.append(torch.arange(lo, hi))
+        sizes.append(size)
+    return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)), sizes
 
 
 class Loop:
-    """A model, its optimiser and its step, fed from a split: the epoch `pcam train` runs."""
+    """A model, its optimiser and its step, fed from a split: the epoch `pcam train` runs.
+
+    With several workers (`world`), the model is wrapped in DistributedDataParallel and each
+    worker trains on its shard of every global batch (`shard_positions`); `train.batch_size`
+    stays the global batch, so 1, 2 or 4 workers see the same patches in the same steps.
+    """
 
     def __init__(
         self,
@@ -204,16 +251,30 @@ class Loop:
         std: torch.Tensor,
         device: torch.device,
         feeder: DeviceBatches | None = None,
+        world: World = SINGLE,
+        ddp: bool | None = None,
     ) -> None:
-        self.params, self.split, self.device = params, split, device
+        """`ddp`: wrap the model in DistributedDataParallel (default: with several workers;
+        True with one measures what the wrapper costs)."""
+        self.params, self.split, self.device, self.world = params, split, device, world
+        if world.distributed and params.batch_size % world.size:
+            raise ValueError(
+                f"train.batch_size {params.batch_size} is the global batch and must divide "
+                f"evenly over {world.size} training processes; use a multiple of {world.size}"
+            )
         self.model = build_model(params).to(device)
         if uses_channels_last(device):
             self.model = self.model.to(memory_format=torch.channels_last)
+        trained: nn.Module = self.model
+        if world.distributed if ddp is None else ddp:
+            trained = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.optimizer = build_optimizer(self.model, params, device)
-        self.step = TrainStep(self.model, self.optimizer, params, mean, std, device)
+        self.step = TrainStep(trained, self.optimizer, params, mean, std, device, world.size)
         # A feeder may be shared (the benchmark's loops): the split goes to the GPU once.
         self.feeder = feeder or DeviceBatches(split, device, loader)
-        self.steps_per_epoch = -(-split.length // params.batch_size)
+        self.steps_per_epoch = len(shard_positions(split.length, params.batch_size, world)[1])
         self.weights = class_weights(split.labels) if params.balanced_sampler else None
 
     def run(
@@ -226,29 +287,39 @@ class Loop:
     ) -> int:
         """Train from `start_batch` of `epoch` to the epoch's end, or until `should_stop()`
         after a batch; return the number of batches of the epoch done."""
-        tp = self.params
+        tp, world = self.params, self.world
         order = self.split.epoch_order(epoch_generator(tp.seed, epoch), self.weights)
         codes = epoch_codes(tp, epoch, len(order))
+        batch_size, global_sizes = tp.batch_size, None
+        if world.distributed:
+            positions, global_sizes = shard_positions(len(order), tp.batch_size, world)
+            order = order[positions]
+            codes = None if codes is None else codes[positions]
+            batch_size = tp.batch_size // world.size
         if codes is not None:
+            codes = codes.pin_memory() if self.device.type == "cuda" else codes
             codes = codes.to(self.device, non_blocking=True)
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=start_batch,
             leave=False,
             desc=f"epoch {epoch + 1}/{tp.epochs}",
-            disable=None,
+            disable=None if world.is_main else True,
         )
         debug = log.isEnabledFor(logging.DEBUG)
         shown, last_shown = start_batch, time.monotonic()
         batch = start_batch
         try:
-            for x, y in self.feeder.batches(order, tp.batch_size, start_batch):
+            for x, y in self.feeder.batches(order, batch_size, start_batch):
+                if batch >= self.steps_per_epoch:
+                    break  # a dropped last batch (see shard_positions)
                 step = epoch * self.steps_per_epoch + batch
                 lr = tp.lr * lr_factor(tp, step, self.steps_per_epoch) * lr_scale
-                start = batch * tp.batch_size
+                start = batch * batch_size
                 part = None if codes is None else codes[start : start + len(y)]
-                loss, correct, grad_norm = self.step(x, y, part, lr)
-                sums.add(loss, correct, len(y), grad_norm)
+                global_size = None if global_sizes is None else global_sizes[batch]
+                total, correct, grad_norm = self.step(x, y, part, lr, global_size)
+                sums.add(total, correct, len(y), grad_norm)
                 batch += 1
                 if debug:  # -v: one line per batch, which waits for the device
                     log.debug(
@@ -256,7 +327,7 @@ class Loop:
                         epoch + 1,
                         batch,
                         self.steps_per_epoch,
-                        loss.item(),
+                        total.item() / len(y),
                     )
                 if not bar.disable and time.monotonic() - last_shown >= PROGRESS_SECONDS:
                     read = sums.read()

@@ -112,6 +112,8 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     origin = copy_project(base / "origin")
     repo = base / "repo"
     run(["git", "clone", "-q", str(origin), str(repo)], base)
+    # The temporary origin is no remote a test should push to (they add their own).
+    run(["git", "remote", "remove", "origin"], repo)
     run(
         ["dvc", "config", "--local", "core.site_cache_dir", str(repo / ".dvc" / "tmp" / "site")],
         repo,

@@ -436,9 +436,10 @@ class DeviceBatches:
         if self.mode == "device":
             assert self.images is not None and self.labels is not None
             index = order.long().pin_memory().to(self.device, non_blocking=True)
+            labels = self.labels.index_select(0, index)  # the epoch's labels: one gather
             for start in range(start_batch * batch_size, len(order), batch_size):
                 rows = index[start : start + batch_size]
-                yield self.images.index_select(0, rows), self.labels.index_select(0, rows)
+                yield self.images.index_select(0, rows), labels[start : start + batch_size]
             return
         yield from CudaPrefetcher(
             self.split.batches(order, batch_size, start_batch), self.device, batch_size

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 from collections.abc import Callable
@@ -21,14 +22,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
+from pcam_pipeline import distributed
 from pcam_pipeline.data.loader import DeviceBatches, Split
+from pcam_pipeline.distributed import SINGLE, World
+from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.inference import predict_split
 from pcam_pipeline.metrics import auroc
 from pcam_pipeline.params import Params
 from pcam_pipeline.paths import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAIN_LIVE_DIR
-from pcam_pipeline.preemption import Preempted, StopFlag
+from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from pcam_pipeline.repro import (
     load_checkpoint,
     md5_file,
@@ -44,6 +49,8 @@ from pcam_pipeline.training import SUM_KEYS, Loop, RunningSums
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
+STOP_CHECK_STEPS = 25  # CUDA workers agree on stopping every this many steps
+STOP_CHECK_STEPS = 25  # CUDA workers agree on stopping every this many steps
 
 
 def fingerprint(params: Params, data_md5: dict[str, str], order: str) -> str:
@@ -171,12 +178,18 @@ def try_resume(path: Path, expected: str) -> dict[str, Any] | None:
 
 class Trainer:
     """One training run: the loop (model, optimiser, step, data on the device) and its progress,
-    checkpointed so that a stopped run resumes to the same bytes."""
+    checkpointed so that a stopped run resumes to the same bytes.
 
-    def __init__(self, params: Params) -> None:
-        self.params, self.tp = params, params.train
+    With several workers (`world`) every worker runs a Trainer: all take part in each step and
+    each save (the collectives), worker 0 validates, writes the checkpoints and logs.
+    """
+
+    def __init__(self, params: Params, world: World = SINGLE) -> None:
+        self.params, self.tp, self.world = params, params.train, world
         seed_everything(self.tp.seed)
         self.device = resolve_device(self.tp.device)
+        if self.device.type == "cuda" and world.distributed:
+            self.device = torch.device("cuda", world.local_rank)
         self.bf16 = uses_bf16(self.tp.bf16, self.device)
         directory = data_dir()
         self.train_split = Split.open(directory / "train.h5", params.loader)
@@ -197,8 +210,19 @@ class Trainer:
             "torch_threads": torch.get_num_threads(),
         }
         self.order = split_order(self.train_split)
+        if world.distributed:
+            self.provenance["workers"] = world.size
+            self.order += f"/workers:{world.size}"  # each worker's shard, its own generators
         self.fingerprint = fingerprint(params, data_md5, self.order)
-        self.loop = Loop(self.tp, params.loader, self.train_split, self.mean, self.std, self.device)
+        self.loop = Loop(
+            self.tp,
+            params.loader,
+            self.train_split,
+            self.mean,
+            self.std,
+            self.device,
+            world=world,
+        )
         self.model, self.optimizer = self.loop.model, self.loop.optimizer
         self.valid_batches = DeviceBatches(self.valid_split, self.device, params.loader)
         self.progress = Progress()
@@ -208,7 +232,11 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.progress = Progress(**checkpoint["progress"])
-        set_rng_state(checkpoint["rng"])
+        if self.world.distributed:  # each worker its own generators and running sums
+            self.progress.sums = dict(checkpoint["worker_sums"][self.world.rank])
+            set_rng_state(checkpoint["worker_rng"][self.world.rank])
+        else:
+            set_rng_state(checkpoint["rng"])
         log.info(
             "resuming from %s at epoch %d, batch %d",
             LAST_CHECKPOINT,
@@ -217,6 +245,7 @@ class Trainer:
         )
 
     def checkpoint(self) -> dict[str, Any]:
+        """This worker's view of the checkpoint (`save` adds every worker's part)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
@@ -230,38 +259,84 @@ class Trainer:
             "normalisation": {"mean": self.mean.tolist(), "std": self.std.tolist()},
         }
 
-    def save(self, path: Path, checkpoint: dict[str, Any] | None = None) -> None:
-        """The checkpoint, then its provenance record beside it (see `save_with_record`)."""
-        save_with_record(path, checkpoint or self.checkpoint())
+    def save(self, path: Path, complete: bool | None = None) -> None:
+        """Write the checkpoint (worker 0), then its provenance record beside it (see
+        `save_with_record`). Every worker calls it: with several, their running sums and random
+        generators are gathered into it, so each resumes exactly where it stopped."""
+        checkpoint = self.checkpoint()
+        if complete is not None:
+            checkpoint["progress"] = {**checkpoint["progress"], "complete": complete}
+        if self.world.distributed:
+            checkpoint["worker_sums"] = distributed.gather(self.progress.sums)
+            checkpoint["worker_rng"] = distributed.gather(checkpoint["rng"])
+        if self.world.is_main:
+            save_with_record(path, checkpoint)
+        if self.world.distributed:
+            distributed.barrier()
+
+    def agreed_stop(self, stop: StopFlag) -> int | None:
+        """The stop signal, if any worker got one (a collective with several workers)."""
+        if not self.world.distributed:
+            return stop.signal
+        return distributed.agree_on_stop(stop.signal, self.device)
 
     def train_epoch(self, stop: StopFlag) -> None:
         progress = self.progress
         sums = RunningSums(self.device, progress.sums)
+        agreed: list[int | None] = [None]
+        interval = stop_check_interval(self.device) if self.world.distributed else 1
+        steps = [0]
+
+        def should_stop() -> bool:
+            # Workers run the same steps, so all reach each agreement (a collective) together.
+            steps[0] += 1
+            if steps[0] % interval:
+                return False
+            agreed[0] = self.agreed_stop(stop)
+            return agreed[0] is not None
+
         progress.batch = self.loop.run(
             progress.epoch,
             progress.batch,
             sums,
             lr_scale=progress.plateau_scale,
-            should_stop=lambda: stop.signal is not None,
+            should_stop=should_stop,
         )
         progress.sums = sums.read()
-        if stop.signal is not None:
+        if agreed[0] is not None:
             self.save(LAST_CHECKPOINT)
             raise Preempted(
-                f"stopped by {signal.Signals(stop.signal).name} at epoch "
+                f"stopped by {signal.Signals(agreed[0]).name} at epoch "
                 f"{progress.epoch + 1}, batch {progress.batch}; {LAST_CHECKPOINT} saved: "
                 "run the train stage again (`dvc repro`) to resume"
             )
 
+    def epoch_sums(self) -> dict[str, float]:
+        """The epoch's sums over every worker, added in worker order (the same every run)."""
+        sums = self.progress.sums
+        if not self.world.distributed:
+            return sums
+        every = distributed.gather(sums)
+        total = {key: sum(part[key] for part in every) for key in ("loss", "correct", "seen")}
+        # Gradients are all-reduced before clipping: every worker saw the same norms.
+        return {**total, "grad_norm": every[0]["grad_norm"], "steps": every[0]["steps"]}
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics, computed by worker 0 on the whole split and shared."""
+        row = None
+        if self.world.is_main:
+            row = evaluate_split(self.model, self.valid_batches, self.mean, self.std, self.bf16)
+        return distributed.broadcast(row) if self.world.distributed else row
+
     def end_epoch(self) -> dict[str, float]:
-        tp, progress, sums = self.tp, self.progress, self.progress.sums
+        tp, progress, sums = self.tp, self.progress, self.epoch_sums()
         row = {
             "epoch": progress.epoch + 1,
             "train_loss": sums["loss"] / sums["seen"],
             "train_accuracy": sums["correct"] / sums["seen"],
             "grad_norm": sums["grad_norm"] / sums["steps"],
             "lr": self.optimizer.param_groups[0]["lr"],
-            **evaluate_split(self.model, self.valid_batches, self.mean, self.std, self.bf16),
+            **self.validate(),
         }
         if tp.schedule == "plateau":
             if progress.history and row["val_loss"] >= min(r["val_loss"] for r in progress.history):
@@ -275,15 +350,19 @@ class Trainer:
         value = row[tp.select_metric]
         if is_better(tp.select_metric, value, progress.best_value):
             progress.best_value, progress.best_epoch = value, progress.epoch + 1
-            best = self.checkpoint()
-            best["progress"] = {**best["progress"], "complete": True}
-            self.save(BEST_CHECKPOINT, best)
+            self.save(BEST_CHECKPOINT, complete=True)
         progress.epoch += 1
         progress.batch = 0
         progress.sums = Progress().sums
         progress.complete = progress.epoch >= tp.epochs
         self.save(LAST_CHECKPOINT)
         return row
+
+
+def stop_check_interval(device: torch.device) -> int:
+    """Steps between the workers' stop agreements: every step on the CPU (gloo, cheap); every
+    STOP_CHECK_STEPS on CUDA, where reading the agreed flag waits for the GPU."""
+    return 1 if device.type != "cuda" else STOP_CHECK_STEPS
 
 
 def save_with_record(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -308,28 +387,35 @@ def log_epoch(live: Any, row: dict[str, float]) -> None:
     live.next_step()
 
 
-def fit(params: Params, stop: StopFlag, log_row: Callable[[dict[str, float]], None]) -> Trainer:
+def fit(
+    params: Params,
+    stop: StopFlag,
+    log_row: Callable[[dict[str, float]], None],
+    world: World = SINGLE,
+) -> Trainer:
     """Train to the last epoch, resuming from models/last.pt when it is an unfinished run of
     these params on this data; `log_row` gets every epoch's row (replayed ones first)."""
-    trainer = Trainer(params)
+    trainer = Trainer(params, world)
     resumed = try_resume(LAST_CHECKPOINT, trainer.fingerprint)
     if resumed is not None:
         trainer.restore(resumed)
     log.info(
-        "training %d epochs of %d batches on %s, starting at epoch %d batch %d",
+        "training %d epochs of %d batches on %s%s, starting at epoch %d batch %d",
         params.train.epochs,
         trainer.steps_per_epoch,
         trainer.device,
+        f" x {world.size} workers" if world.distributed else "",
         trainer.progress.epoch + 1,
         trainer.progress.batch,
     )
     for row in trainer.progress.history:
         log_row(row)
     while trainer.progress.epoch < params.train.epochs:
-        if stop.signal is not None:  # arrived between epochs: last.pt is up to date
+        agreed = trainer.agreed_stop(stop)
+        if agreed is not None:  # arrived between epochs: last.pt is up to date
             trainer.save(LAST_CHECKPOINT)
             raise Preempted(
-                f"stopped by {signal.Signals(stop.signal).name} before epoch "
+                f"stopped by {signal.Signals(agreed).name} before epoch "
                 f"{trainer.progress.epoch + 1}; {LAST_CHECKPOINT} saved: run the train "
                 "stage again (`dvc repro`) to resume"
             )
@@ -346,15 +432,69 @@ def fit(params: Params, stop: StopFlag, log_row: Callable[[dict[str, float]], No
     return trainer
 
 
-def main(params: Params) -> None:
-    from dvclive import Live
+class WorkersFailed(PipelineError):
+    """A training worker failed; the others were stopped."""
 
-    # Installed first: a SIGUSR1/SIGTERM while the data loads is honoured at the first boundary
-    # instead of killing the process with the signal's default action. Live() empties the log
-    # directory (and DVC removes it before the stage runs): a resumed run replays the finished
-    # epochs' history, so the logs end identical to an unbroken run's.
-    with (
-        StopFlag() as stop,
-        Live(str(TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live,
-    ):
-        fit(params, stop, lambda row: log_epoch(live, row))
+
+def launch(params: Params, processes: int) -> None:
+    """Run the train stage as `processes` workers (srun inside a Slurm allocation of several
+    tasks, else local processes), with these exact params; raise as one process would."""
+    if params.train.batch_size % processes:
+        raise WorkersFailed(
+            f"train.batch_size {params.train.batch_size} is the global batch and must divide "
+            f"evenly over {processes} training processes: use a multiple of {processes} "
+            "(or set train.devices)"
+        )
+    work = Path(".pcam-work")
+    work.mkdir(exist_ok=True)
+    params_file = work / f"train-params-{os.getpid()}.yaml"
+    params_file.write_text(yaml.safe_dump(params.as_dict(), sort_keys=False))
+    argv = ["--params", str(params_file), *(["-v"] if log.isEnabledFor(logging.DEBUG) else [])]
+    argv.append("train")
+    try:
+        if distributed.slurm_tasks() > 1:
+            code = distributed.launch_srun(argv)
+        else:
+            code = distributed.launch_local(processes, argv)
+    finally:
+        params_file.unlink(missing_ok=True)
+    if code == EXIT_PREEMPTED:
+        raise Preempted(
+            f"the training workers saved {LAST_CHECKPOINT} and stopped: run the train stage "
+            "again (`dvc repro`) to resume"
+        )
+    if code != 0:
+        raise WorkersFailed(f"a training worker exited with status {code} (its log is above)")
+
+
+def main(params: Params) -> None:
+    world = distributed.worker_world()
+    if world is None:
+        cuda = resolve_device(params.train.device).type == "cuda"
+        processes = max(
+            distributed.slurm_tasks(), distributed.requested_processes(params.train.devices, cuda)
+        )
+        if processes > 1:
+            launch(params, processes)
+            return
+        world = SINGLE
+    if world.distributed:
+        cuda = resolve_device(params.train.device).type == "cuda"
+        distributed.init(world, "cuda" if cuda else "cpu")
+        if not world.is_main:  # one voice: worker 0 logs, the others only warn
+            logging.getLogger("pcam_pipeline").setLevel(logging.WARNING)
+    try:
+        # Installed first: a SIGUSR1/SIGTERM while the data loads is honoured at the first
+        # boundary instead of killing the process with the signal's default action. Live()
+        # empties the log directory (and DVC removes it before the stage runs): a resumed run
+        # replays the finished epochs' history, so the logs end identical to an unbroken run's.
+        with StopFlag() as stop:
+            if not world.is_main:
+                fit(params, stop, lambda row: None, world)
+                return
+            from dvclive import Live
+
+            with Live(str(TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+                fit(params, stop, lambda row: log_epoch(live, row), world)
+    finally:
+        distributed.shutdown()

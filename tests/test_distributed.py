@@ -1,0 +1,174 @@
+"""Training on several processes (DDP, gloo on the CPU): `pcam train` with train.devices: 2
+starts two workers; twins are bit-identical, a stopped run resumes to the same bytes, and two
+workers see the patches one process sees, step by step."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pcam_pipeline.distributed import World, first_host, requested_processes, worker_world
+from pcam_pipeline.preemption import EXIT_PREEMPTED
+from pcam_pipeline.repro import load_checkpoint
+from pcam_pipeline.training import shard_positions
+from tests.tiny_pipeline import pcam, run_pcam, tiny_data, tree_bytes, write_params_file
+
+__all__ = ["tiny_data"]
+
+TWO = {"train": {"devices": 2}}
+STOP_AT = "epoch 2 batch 3/8 "  # worker 0's debug line after the 3rd of 8 steps of epoch 2
+
+
+def outputs(run: Path) -> dict[str, bytes]:
+    return {
+        f"{top}/{name}": data
+        for top in ("models", "dvclive")
+        for name, data in tree_bytes(run / top).items()
+        if not name.endswith(".provenance.json")
+    }
+
+
+def train_run(directory: Path, data: Path, **sections) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_params_file(directory, **sections)
+    result = run_pcam(["train"], directory, data, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    (directory / "train.log").write_text(result.stdout)
+    return directory
+
+
+_RUNS: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tiny_data, tmp_path_factory) -> Path:
+    if "two" not in _RUNS:
+        _RUNS["two"] = train_run(tmp_path_factory.mktemp("two-workers"), tiny_data, **TWO)
+    return _RUNS["two"]
+
+
+def test_two_workers_train_and_twins_are_bit_identical(two_worker_run, tiny_data, tmp_path):
+    log = (two_worker_run / "train.log").read_text()
+    assert "launching 2 local training workers" in log
+    assert "x 2 workers" in log, "the workers formed one process group"
+    checkpoint = load_checkpoint(two_worker_run / "models" / "last.pt")
+    assert checkpoint["provenance"]["workers"] == 2
+    assert checkpoint["data_order"] == "memory/workers:2"
+    assert len(checkpoint["worker_rng"]) == 2
+    twin = train_run(tmp_path / "twin", tiny_data, **TWO)
+    first, second = outputs(two_worker_run), outputs(twin)
+    assert sorted(first) == sorted(second) and "models/best.pt" in first
+    assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_two_workers_match_one_process_with_the_same_global_batch(
+    two_worker_run, tiny_data, tmp_path
+):
+    one = train_run(tmp_path / "one", tiny_data)
+    history = {
+        name: load_checkpoint(run / "models" / "last.pt")["progress"]["history"]
+        for name, run in (("one", one), ("two", two_worker_run))
+    }
+    assert len(history["one"]) == len(history["two"]) == 2
+    for single, double in zip(history["one"], history["two"], strict=True):
+        # Same patches, same augmentations, the same mean-loss update per step; what differs is
+        # BatchNorm's statistics (per worker, over half the batch) and float summation order.
+        assert single["lr"] == double["lr"]
+        for key in ("train_loss", "val_loss"):
+            assert double[key] == pytest.approx(single[key], abs=0.05), key
+        for key in ("train_accuracy", "val_accuracy", "val_auroc"):
+            assert double[key] == pytest.approx(single[key], abs=0.08), key
+
+
+@pytest.mark.parametrize("length,batch,size", [(256, 32, 2), (250, 32, 2), (2043, 64, 4)])
+def test_workers_shard_each_global_batch_of_the_same_order(length, batch, size):
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(0))
+    shards = [shard_positions(length, batch, World(rank, size, rank)) for rank in range(size)]
+    steps = -(-length // batch)
+    for rank, (positions, sizes) in enumerate(shards):
+        assert len(sizes) == steps
+        assert sizes == [min(batch, length - i * batch) for i in range(steps)]
+        assert positions.tolist() == sorted(positions.tolist()), rank
+    for step in range(steps):
+        seen = []
+        for positions, _ in shards:
+            per_worker = batch // size
+            seen += order[positions[step * per_worker : (step + 1) * per_worker]].tolist()
+        assert sorted(seen) == sorted(order[step * batch : (step + 1) * batch].tolist()), step
+
+
+def test_a_last_batch_smaller_than_the_workers_is_dropped():
+    positions, sizes = shard_positions(65, 32, World(1, 4, 1))
+    assert sizes == [32, 32] and len(positions) == 16
+
+
+def test_the_global_batch_must_divide_over_the_workers(tiny_data, tmp_path):
+    write_params_file(tmp_path, train={"devices": 3, "batch_size": 32})
+    result = run_pcam(["train"], tmp_path, tiny_data, timeout=300)
+    assert result.returncode != 0
+    assert "error: train.batch_size 32 is the global batch and must divide evenly over 3" in (
+        result.stdout
+    )
+    assert "Traceback" not in result.stdout
+
+
+def test_sigusr1_to_one_worker_stops_all_and_the_rerun_ends_identical(
+    two_worker_run, tiny_data, tmp_path
+):
+    write_params_file(tmp_path, **TWO)
+    launcher = pcam(
+        ["-v", "train"], tmp_path, tiny_data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    watchdog = threading.Timer(300, launcher.kill)
+    watchdog.start()
+    lines, target = [], None
+    try:
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            lines.append(line)
+            if target is None and STOP_AT in line:
+                workers = psutil.Process(launcher.pid).children()
+                ranks = {int(w.environ().get("RANK", -1)): w for w in workers}
+                target = ranks[1]  # not the one that writes: the signal must travel
+                target.send_signal(signal.SIGUSR1)
+        launcher.wait()
+    finally:
+        watchdog.cancel()
+    log = "".join(lines)
+    assert target is not None, log[-4000:]
+    assert launcher.returncode == EXIT_PREEMPTED, log[-4000:]
+    saved = load_checkpoint(tmp_path / "models" / "last.pt")
+    assert saved["progress"]["epoch"] == 1 and 3 <= saved["progress"]["batch"] < 8
+    assert not saved["progress"]["complete"]
+    assert len(saved["worker_sums"]) == 2
+
+    resumed = run_pcam(["train"], tmp_path, tiny_data, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"resuming from models/last.pt at epoch 2, batch {saved['progress']['batch']}" in (
+        resumed.stdout
+    )
+    whole, again = outputs(two_worker_run), outputs(tmp_path)
+    assert [name for name in whole if whole[name] != again[name]] == []
+
+
+def test_worker_roles_come_from_the_launcher_environment():
+    assert worker_world({}) is None
+    torchrun = {
+        "RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1",
+    }
+    assert worker_world(torchrun) == World(1, 4, 1)
+    srun = {"PCAM_DIST": "srun", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    assert worker_world(srun) == World(5, 8, 1)
+    assert requested_processes(3, cuda=False) == 3
+    assert requested_processes("auto", cuda=False) == 1
+    assert first_host("localhost") == "localhost"
