@@ -9,9 +9,15 @@ export DVC_NO_ANALYTICS := 1
 # steals the CPU from the thread doing the work (see docs/performance.md).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test test-fast lint image sif s3-up s3-down slurm-up slurm-down clean-venv
+.PHONY: setup run test test-fast lint image sif s3-up s3-down slurm-up slurm-down clean-venv \
+	lock lock-check image-plan image-repro-check image-push apptainer-install sif-registry sif-push \
+	workflow-lint ci-test ci-runner-disk
 
-$(STAMP): requirements.lock pyproject.toml
+# Image variant (cpu | cu130 | ...): which lock the image installs (containers/build.sh).
+TORCH_VARIANT ?= cpu
+export TORCH_VARIANT
+
+$(STAMP): requirements.lock requirements-runtime.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
@@ -37,8 +43,47 @@ clean-venv:
 image:  ## container image pcam-pipeline:$TORCH_VARIANT (docker or podman; docs/containers.md)
 	containers/build.sh image
 
+image-plan:  ## print the build command `make image` runs for $TORCH_VARIANT (no build)
+	containers/build.sh plan
+
 sif:  ## Apptainer image pcam.sif from that image (needs apptainer; docs/containers.md)
 	containers/build.sh sif
+
+# --- the locked environment (docs/development.md, 'Updating dependencies') ---------------------------
+lock: $(STAMP)  ## rewrite requirements-runtime.lock + requirements.lock from .venv
+	$(BIN)/python containers/lock.py split
+
+lock-check: $(STAMP)  ## the locks agree with .venv and with each other (also a test)
+	$(BIN)/python containers/lock.py check
+	$(BIN)/python containers/lock.py check-cuda requirements-cu130.lock
+
+lock-cu%: $(STAMP)  ## requirements-cuXXX.lock: torch's CUDA build resolved against its index
+	containers/resolve-cuda.sh cu$*
+
+# --- what CI does (.github/workflows/images.yml; containers/publish.sh) -----------------------------
+ci-test:  ## CI's test step: `make test` with integration tests required (.ci/run)
+	bash .ci/run
+
+ci-runner-disk:  ## GitHub runner only: free disk for the CUDA image and the SIF
+	containers/publish.sh runner-disk
+
+image-repro-check:  ## dvc repro inside the image on a fresh clone; fails if dvc.lock differs
+	containers/publish.sh repro-check
+
+image-push:  ## tag the image by commit (+ version on a v* tag) and push it to $PCAM_REGISTRY
+	containers/publish.sh push
+
+apptainer-install:  ## Apptainer on the CI runner (Ubuntu PPA)
+	containers/publish.sh install-apptainer
+
+sif-registry:  ## pcam.sif from the pushed image (def file's sections kept), then apptainer test
+	containers/publish.sh sif
+
+sif-push:  ## push pcam.sif as an ORAS artifact: apptainer pull oras://.../pcam-pipeline-sif:TAG
+	containers/publish.sh sif-push
+
+workflow-lint: $(STAMP)  ## actionlint on .github/workflows (offline; also a pre-commit hook)
+	$(BIN)/actionlint
 
 s3-up:  ## a local S3 server (moto) on 127.0.0.1:5555, bucket pcam-dvc, to try the DVC remote
 	scripts/s3-server.sh start --port 5555 --bucket pcam-dvc

@@ -2,12 +2,14 @@
 # containers/build.sh - build the pcam-pipeline container image and the Apptainer SIF made from it.
 #
 #   containers/build.sh image            build containers/Dockerfile with docker or podman
+#   containers/build.sh plan             print what `image` would run (variant, lock, build command)
 #   containers/build.sh save             write the image to build/pcam-pipeline.tar (docker-archive)
 #   containers/build.sh sif              save + `apptainer build pcam.sif containers/apptainer.def`
 #   containers/build.sh base             make a local Debian bookworm base image (debootstrap)
 #   containers/build.sh install-podman   apt-get podman, buildah and what they need (Debian, root)
 #   containers/build.sh print-image      print the image name `image` builds
 #   containers/build.sh print-archive    print the archive path `save` writes
+#   containers/build.sh print-min-driver the oldest NVIDIA driver $TORCH_VARIANT runs on
 #
 # Settings (environment variables; defaults in brackets):
 #   PCAM_ENGINE          docker | podman [the first one that works: docker with a reachable daemon,
@@ -15,13 +17,20 @@
 #   PCAM_IMAGE           image name [pcam-pipeline:$TORCH_VARIANT]
 #   BASE_IMAGE           base image [docker.io/library/python:3.11-slim-bookworm]; any Debian
 #                        bookworm image with or without Python 3.11 works (`base` makes one)
-#   TORCH_VARIANT        cpu | cu126 | cu128 | ... [cpu]: the torch wheel build
-#   TORCH_INDEX_URL      auto | none | URL [auto = https://download.pytorch.org/whl/$TORCH_VARIANT;
+#   TORCH_VARIANT        cpu | cu130 | cu126 | ... [cpu]: the torch build; each installs exactly
+#                        one lock file: cpu requirements-runtime.lock, cuXXX requirements-cuXXX.lock
+#                        (cu130: PyPI's torch wheel, CUDA 13.0, NVIDIA driver >= 580; other cuXXX:
+#                        make the lock first with `make lock-cuXXX`, see docs/containers.md)
+#   TORCH_INDEX_URL      auto | pypi | none | URL [cpu and cu12x: auto =
+#                        https://download.pytorch.org/whl/$TORCH_VARIANT; cu130: pypi = PyPI;
 #                        none = take torch from the pip configuration like any other package]
+#   PCAM_PLATFORM        the image platform [linux/amd64: the locks pin x86_64 wheels]
 #   PCAM_PIP_FROM_HOST   auto | 1 | 0 [auto]: podman only. Bind this machine's pip configuration
 #                        (CA bundle, find-links wheel folders, file:// indexes) into the build's
 #                        RUN steps; nothing of it ends up in the image. auto = when the host pip
-#                        configuration names any of them. Sets TORCH_INDEX_URL=none unless given.
+#                        configuration names any of them. cpu: sets TORCH_INDEX_URL=none unless
+#                        given (the CPU torch wheel from the wheel folder); CUDA variants leave the
+#                        wheel folders out (a local +cpu wheel would outrank PyPI's CUDA build).
 #   PCAM_ARCHIVE         docker-archive path [build/pcam-pipeline.tar] (apptainer.def names it)
 #   PCAM_SIF             SIF path [pcam.sif]
 #   PCAM_BUILD_ARGS      extra arguments for `docker/podman build` (word-split)
@@ -33,6 +42,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
 TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
+PCAM_PLATFORM="${PCAM_PLATFORM:-linux/amd64}"
 PCAM_IMAGE="${PCAM_IMAGE:-pcam-pipeline:${TORCH_VARIANT}}"
 BASE_IMAGE="${BASE_IMAGE:-docker.io/library/python:3.11-slim-bookworm}"
 PCAM_ARCHIVE="${PCAM_ARCHIVE:-build/pcam-pipeline.tar}"
@@ -49,6 +59,33 @@ die() {
     exit 1
 }
 note() { echo "containers/build.sh: $*" >&2; }
+
+# --- torch variants: which lock, where torch comes from, the oldest NVIDIA driver -----------------
+# variant_lock / variant_index / variant_min_driver VARIANT
+variant_lock() {
+    case "$1" in
+        cpu) echo requirements-runtime.lock ;;
+        cu[0-9]*) echo "requirements-$1.lock" ;;
+        *) die "TORCH_VARIANT='$1' is not supported: use cpu, cu130 or another cuXXX with a lock file (docs/containers.md)" ;;
+    esac
+}
+variant_index() {
+    case "$1" in
+        cu13*) echo pypi ;; # PyPI's Linux torch wheel is the CUDA 13.0 build
+        *) echo auto ;;     # download.pytorch.org/whl/$1
+    esac
+}
+# The oldest driver each CUDA major runs on (CUDA minor-version compatibility: 13.x needs the
+# R580 driver branch, 12.x R525): what the Slurm wrappers check on the node before training.
+variant_min_driver() {
+    case "$1" in
+        cpu) echo "" ;;
+        cu13*) echo 580 ;;
+        cu12*) echo 525.60.13 ;;
+        cu11*) echo 450.80.02 ;;
+        *) die "no minimum NVIDIA driver known for TORCH_VARIANT=$1" ;;
+    esac
+}
 
 usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
@@ -137,6 +174,10 @@ prepare_host_pip() {
                 cert=/run/pcam-build/ca.crt
                 ;;
             links)
+                if [[ "$TORCH_VARIANT" != cpu ]]; then
+                    note "leaving the wheel folder $value out of the $TORCH_VARIANT build (a local +cpu torch would outrank PyPI's CUDA build)"
+                    continue
+                fi
                 value="${value#file://}"
                 if [[ -d "$value" ]]; then
                     mkdir "$PIP_DIR/links$n_links"
@@ -201,41 +242,75 @@ git_commit() {
 }
 
 # --- subcommands -------------------------------------------------------------------------------
-cmd_image() {
-    pick_engine
-    [[ -f requirements.lock ]] || die "requirements.lock is missing in $REPO_ROOT: the image installs exactly these pins (see docs/development.md, 'Updating dependencies')"
-    local args=(build --file containers/Dockerfile --tag "$PCAM_IMAGE"
+# build_args: fills BUILD_ARGS (everything after `docker/podman`), BUILD_TMP (a folder to remove
+# afterwards) and prints the plan on stderr. Needs ENGINE.
+BUILD_ARGS=()
+BUILD_TMP=""
+build_args() {
+    local lock min_driver torch_index
+    lock="$(variant_lock "$TORCH_VARIANT")"
+    [[ -f "$lock" ]] || die "$lock is missing in $REPO_ROOT: TORCH_VARIANT=$TORCH_VARIANT installs exactly these pins (make it with 'make lock-$TORCH_VARIANT'; see docs/development.md, 'Updating dependencies')"
+    min_driver="$(variant_min_driver "$TORCH_VARIANT")"
+    torch_index="${TORCH_INDEX_URL:-}"
+    BUILD_ARGS=(build --file containers/Dockerfile --tag "$PCAM_IMAGE"
+        --platform "$PCAM_PLATFORM"
         --build-arg "BASE_IMAGE=$BASE_IMAGE"
         --build-arg "TORCH_VARIANT=$TORCH_VARIANT"
+        --build-arg "PCAM_LOCK=$lock"
+        --build-arg "CUDA_MIN_DRIVER=$min_driver"
         --label "org.opencontainers.image.version=$(project_version)"
         --label "org.opencontainers.image.revision=$(git_commit)"
         --label "org.opencontainers.image.base.name=$BASE_IMAGE"
-        --label "io.github.pcam-pipeline.torch-variant=$TORCH_VARIANT")
-    local tmp=""
-    local torch_index="${TORCH_INDEX_URL:-}"
+        --label "io.github.pcam-pipeline.torch-variant=$TORCH_VARIANT"
+        --label "io.github.pcam-pipeline.lock=$lock"
+        --label "io.github.pcam-pipeline.lock-sha256=$(sha256sum "$lock" | cut -d' ' -f1)"
+        --label "io.github.pcam-pipeline.cuda-min-driver=$min_driver")
+    if [[ -n "${GITHUB_REPOSITORY:-}" ]]; then
+        BUILD_ARGS+=(--label "org.opencontainers.image.source=${GITHUB_SERVER_URL:-https://github.com}/$GITHUB_REPOSITORY")
+    fi
     if [[ "$ENGINE" == podman ]]; then
-        args+=("${PODMAN_BUILD_OPTS[@]}")
+        BUILD_ARGS+=("${PODMAN_BUILD_OPTS[@]}")
         local from_host="${PCAM_PIP_FROM_HOST:-auto}"
         if [[ "$from_host" != 0 ]] && prepare_host_pip; then
-            tmp="$PIP_DIR"
-            args+=("${PIP_VOLUMES[@]}" --build-arg PIP_CONFIG_FILE=/run/pcam-build/pip.conf)
-            torch_index="${torch_index:-none}"
+            BUILD_TMP="$PIP_DIR"
+            BUILD_ARGS+=("${PIP_VOLUMES[@]}" --build-arg PIP_CONFIG_FILE=/run/pcam-build/pip.conf)
+            [[ "$TORCH_VARIANT" != cpu ]] || torch_index="${torch_index:-none}"
             note "binding this machine's pip settings into the build (not into the image):"
-            sed 's/^/    /' "$tmp/pip.conf" >&2
+            sed 's/^/    /' "$BUILD_TMP/pip.conf" >&2
         elif [[ "$from_host" == 1 ]]; then
             die "PCAM_PIP_FROM_HOST=1 but 'python3 -m pip config list' names no cert, find-links or index"
         fi
     elif [[ "${PCAM_PIP_FROM_HOST:-auto}" == 1 ]]; then
         die "PCAM_PIP_FROM_HOST=1 needs podman (docker build cannot bind host folders): set PCAM_ENGINE=podman"
     fi
-    args+=(--build-arg "TORCH_INDEX_URL=${torch_index:-auto}")
+    torch_index="${torch_index:-$(variant_index "$TORCH_VARIANT")}"
+    BUILD_ARGS+=(--build-arg "TORCH_INDEX_URL=$torch_index")
     # shellcheck disable=SC2206  # intentional word splitting of user-supplied extra arguments
     local extra=(${PCAM_BUILD_ARGS:-})
-    args+=("${extra[@]}" .)
-    note "$ENGINE ${args[*]}"
+    BUILD_ARGS+=("${extra[@]}" .)
+    note "variant $TORCH_VARIANT: lock $lock, torch index $torch_index, platform $PCAM_PLATFORM, NVIDIA driver >= ${min_driver:-none (CPU)}"
+}
+
+cmd_plan() {
+    # Needs no engine: name the one `image` would use, else podman.
+    if [[ -z "${PCAM_ENGINE:-}" ]] && ! command -v docker >/dev/null 2>&1 && ! command -v podman >/dev/null 2>&1; then
+        ENGINE=podman
+    else
+        pick_engine
+    fi
+    build_args
+    [[ -z "$BUILD_TMP" ]] || rm -rf "$BUILD_TMP"
+    printf '%q ' "$ENGINE" "${BUILD_ARGS[@]}"
+    echo
+}
+
+cmd_image() {
+    pick_engine
+    build_args
+    note "$ENGINE ${BUILD_ARGS[*]}"
     local start=$SECONDS rc=0
-    engine "${args[@]}" || rc=$?
-    [[ -z "$tmp" ]] || rm -rf "$tmp"
+    engine "${BUILD_ARGS[@]}" || rc=$?
+    [[ -z "$BUILD_TMP" ]] || rm -rf "$BUILD_TMP"
     ((rc == 0)) || die "$ENGINE build failed (exit $rc); see the output above"
     local size
     size="$(engine image inspect --format '{{.Size}}' "$PCAM_IMAGE" 2>/dev/null || echo '?')"
@@ -357,6 +432,8 @@ main() {
     local cmd="${1:-help}"
     case "$cmd" in
         image) cmd_image ;;
+        plan) cmd_plan ;;
+        print-min-driver) variant_min_driver "$TORCH_VARIANT" ;;
         save) cmd_save ;;
         sif) cmd_sif ;;
         base) cmd_base ;;

@@ -3,8 +3,15 @@
 # submitted from: `source "$SLURM_SUBMIT_DIR/slurm/lib.sh"`.
 #
 # Environment read here (all optional):
-#   PCAM_REPO           repository to run in (default: $SLURM_SUBMIT_DIR, i.e. where sbatch ran)
+#   PCAM_REPO           repository submitted from (default: $SLURM_SUBMIT_DIR, i.e. where sbatch ran)
 #   PCAM_SIF            Apptainer image: run dvc inside it with `apptainer exec --nv --cleanenv`
+#   PCAM_IMAGE_DIGEST   the image's identity for provenance [sha256 of PCAM_SIF, computed once a job]
+#   PCAM_REQUIRE_CUDA   auto | 1 | 0 [auto]: must the job train on the GPU? auto = when the partition
+#                       matches PCAM_GPU_PARTITIONS. Then the job checks CUDA in its first minute
+#                       (slurm/gpu-check.py) and passes train.device=cuda; it never falls back to CPU
+#   PCAM_GPU_PARTITIONS comma-separated partition patterns that are GPU partitions [gpu_*]
+#   PCAM_DVC_SITE_CACHE DVC's site cache (hash state, index) when the repository configures none
+#                       [$HOME/.cache/pcam-pipeline/dvc-site-cache: kept across jobs, per user]
 #   PCAM_VENV           virtual environment used without PCAM_SIF (default: <repo>/.venv)
 #   PCAM_BIND           extra comma-separated bind paths for apptainer (e.g. a dataset on GPFS)
 #   PCAM_STAGE_DATA=1   copy data/processed to node-local $TMPDIR and train/evaluate from there
@@ -14,6 +21,8 @@
 #   PCAM_KEEP_WORKDIR=1 keep those clones after success (they are always kept after a failure)
 
 PCAM_PREEMPT_EXIT=75 # `pcam train` exits with this after saving models/last.pt on SIGUSR1/SIGTERM
+PCAM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+PCAM_DEVICE_ARGS=() # `-S train.device=cuda` on GPU partitions (pcam_gpu_check)
 
 pcam_log() { printf '[pcam-slurm %(%H:%M:%S)T] %s\n' -1 "$*"; }
 pcam_die() {
@@ -39,6 +48,10 @@ pcam_runtime_init() {
         PCAM_SIF=$(cd "$(dirname "$PCAM_SIF")" && pwd -P)/$(basename "$PCAM_SIF")
         command -v apptainer >/dev/null || pcam_die "PCAM_SIF is set but 'apptainer' is not on PATH on $(hostname): load it (e.g. 'module load apptainer') or unset PCAM_SIF."
         PCAM_RUNTIME=apptainer
+        # What identifies the image in each checkpoint's provenance (models/*.provenance.json);
+        # its sha256 is computed once per job, by pcam_print_env (after the GPU check: hashing
+        # a 6 GB SIF on GPFS takes a while, and a job that cannot run should stop first).
+        export PCAM_IMAGE=$PCAM_SIF
         pcam_bind_add "$repo"
         pcam_bind_add "${TMPDIR:-/tmp}"
         local extra
@@ -52,6 +65,14 @@ pcam_runtime_init() {
     PCAM_CACHE=$(pcam_cache_dir "$repo") || pcam_die "'dvc cache dir' failed in $repo (see above)."
     mkdir -p "$PCAM_CACHE" 2>/dev/null || true
     pcam_bind_add "$PCAM_CACHE" # a cache outside the repository (GPFS project space) must be visible
+    # DVC's site cache holds the hash state of the workspace files: in the image's default place
+    # (per-job $TMPDIR) it would be lost with every job and GBs rehashed. Unless the repository
+    # configures one (core.site_cache_dir, e.g. a group's on GPFS), keep one per user.
+    if [[ -z ${DVC_SITE_CACHE_DIR:-} ]] && [[ -z $(cd "$repo" && pcam_run dvc config core.site_cache_dir 2>/dev/null) ]]; then
+        export DVC_SITE_CACHE_DIR=${PCAM_DVC_SITE_CACHE:-${HOME:-/tmp}/.cache/pcam-pipeline/dvc-site-cache}
+        mkdir -p "$DVC_SITE_CACHE_DIR" 2>/dev/null || pcam_die "cannot create DVC's site cache $DVC_SITE_CACHE_DIR: set PCAM_DVC_SITE_CACHE to a writable directory."
+        pcam_bind_add "$DVC_SITE_CACHE_DIR"
+    fi
     # Torch would use every core of the node; use what Slurm gave this job.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_ON_NODE:-1}}
     export DVC_NO_ANALYTICS=1
@@ -75,13 +96,28 @@ pcam_run() {
     if [[ ${PCAM_RUNTIME:-} == apptainer ]]; then
         local var
         for var in PCAM_TRAIN_DATA_DIR OMP_NUM_THREADS DVC_NO_ANALYTICS DVC_SITE_CACHE_DIR \
-            CUDA_VISIBLE_DEVICES TMPDIR; do
+            CUDA_VISIBLE_DEVICES TMPDIR PCAM_IMAGE PCAM_IMAGE_DIGEST PCAM_NODE_DRIVER \
+            PCAM_RUNTIME_DESC SLURM_JOB_ID SLURM_JOB_PARTITION SLURM_CLUSTER_NAME; do
             if [[ -n ${!var:-} ]]; then export "APPTAINERENV_$var=${!var}"; fi
         done
+        # The checkout's code, whatever the image: a SIF pulled from the registry image has no
+        # %environment to set this (the image's own .pth hook does the same; PCAM_USE_IMAGE_SRC=1
+        # turns both off).
+        if [[ -z ${PCAM_USE_IMAGE_SRC:-} && -f $PWD/src/pcam_pipeline/__init__.py ]]; then
+            export APPTAINERENV_PYTHONPATH=$PWD/src
+        else
+            unset APPTAINERENV_PYTHONPATH
+        fi
         local IFS=,
         apptainer exec --nv --cleanenv --bind "${PCAM_BINDS[*]}" "$PCAM_SIF" "$@"
     else
-        PATH=$PCAM_VENV/bin:$PATH VIRTUAL_ENV=$PCAM_VENV "$@"
+        # The same rule in the venv (whose pcam_pipeline may be an editable install of another
+        # checkout): the job runs the code of the commit it was submitted with.
+        if [[ -z ${PCAM_USE_IMAGE_SRC:-} && -f $PWD/src/pcam_pipeline/__init__.py ]]; then
+            PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PATH=$PCAM_VENV/bin:$PATH VIRTUAL_ENV=$PCAM_VENV "$@"
+        else
+            PATH=$PCAM_VENV/bin:$PATH VIRTUAL_ENV=$PCAM_VENV "$@"
+        fi
     fi
 }
 
@@ -110,7 +146,8 @@ pcam_print_env() {
     echo "commit:    $commit$( ((dirty > 0)) && echo " (+$dirty modified tracked files)")"
     echo "repo:      $repo"
     if [[ $PCAM_RUNTIME == apptainer ]]; then
-        echo "image:     $PCAM_SIF sha256:$(sha256sum "$PCAM_SIF" | cut -d' ' -f1)"
+        export PCAM_IMAGE_DIGEST=${PCAM_IMAGE_DIGEST:-sha256:$(sha256sum "$PCAM_SIF" | cut -d' ' -f1)}
+        echo "image:     $PCAM_SIF $PCAM_IMAGE_DIGEST"
         echo "apptainer: $(apptainer --version 2>&1 | head -n1)"
         local IFS=,
         echo "binds:     ${PCAM_BINDS[*]}"
@@ -118,6 +155,55 @@ pcam_print_env() {
         echo "image:     none (venv $PCAM_VENV, $("$PCAM_VENV/bin/python" --version 2>&1))"
     fi
     echo "dvc cache: $PCAM_CACHE"
+    echo "dvc site:  ${DVC_SITE_CACHE_DIR:-as configured in the repository (core.site_cache_dir)}"
+    echo "device:    ${PCAM_DEVICE_ARGS[*]:-train.device from params.yaml (not a GPU partition)}"
+}
+
+# --- GPU jobs: CUDA or nothing -----------------------------------------------------------------
+
+# pcam_gpu_job: whether this job must train on the GPU (PCAM_REQUIRE_CUDA, the partition).
+pcam_gpu_job() {
+    case ${PCAM_REQUIRE_CUDA:-auto} in
+        1) return 0 ;;
+        0) return 1 ;;
+        auto)
+            local pattern patterns
+            IFS=, read -ra patterns <<<"${PCAM_GPU_PARTITIONS:-gpu_*}"
+            for pattern in "${patterns[@]}"; do
+                # shellcheck disable=SC2053  # a glob pattern on purpose
+                [[ -n $pattern && ${SLURM_JOB_PARTITION:-} == $pattern ]] && return 0
+            done
+            return 1
+            ;;
+        *) pcam_die "PCAM_REQUIRE_CUDA='$PCAM_REQUIRE_CUDA': use auto, 1 or 0." ;;
+    esac
+}
+
+# pcam_gpu_check (after pcam_runtime_init): on a GPU partition, fail now - with the fix - unless
+# CUDA works inside the runtime and the node's driver is new enough for the image; then set
+# PCAM_DEVICE_ARGS so training runs with train.device=cuda (an error, never a CPU fallback).
+pcam_gpu_check() {
+    PCAM_DEVICE_ARGS=()
+    if ! pcam_gpu_job; then
+        pcam_log "partition '${SLURM_JOB_PARTITION:-none}' is not a GPU partition (PCAM_GPU_PARTITIONS=${PCAM_GPU_PARTITIONS:-gpu_*}): train.device as params.yaml says"
+        return 0
+    fi
+    local start=$SECONDS
+    PCAM_NODE_DRIVER=""
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        PCAM_NODE_DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 || true)
+    fi
+    export PCAM_NODE_DRIVER
+    if [[ $PCAM_RUNTIME == apptainer ]]; then
+        export PCAM_RUNTIME_DESC="the image $PCAM_SIF"
+    else
+        export PCAM_RUNTIME_DESC="the venv $PCAM_VENV"
+    fi
+    pcam_log "GPU partition '${SLURM_JOB_PARTITION:-}': checking CUDA in $PCAM_RUNTIME_DESC (slurm/gpu-check.py)"
+    if ! pcam_run python "$PCAM_LIB_DIR/gpu-check.py"; then
+        pcam_die "the GPU check failed after $((SECONDS - start)) s (the reason and the fix are above): stopping before any work rather than training on the CPU at GPU rates."
+    fi
+    PCAM_DEVICE_ARGS=(-S train.device=cuda)
 }
 
 # --- node-local data staging ---------------------------------------------------------------------
@@ -200,11 +286,33 @@ _pcam_descendants() {
     done
 }
 
-# Send the stop signal to every `pcam train` under the job's command. Returns 1 if none runs yet.
+# _pcam_catches PID: whether PID has installed a handler for SIGUSR1 (bit 10-1 of SigCgt). A
+# `pcam train` that has started but not yet set its handler (Python still importing torch) would
+# be killed by the signal (exit 138) instead of checkpointing (exit 75): wait for the handler.
+_pcam_catches() {
+    local line mask
+    while read -r line; do
+        if [[ $line == SigCgt:* ]]; then
+            mask=${line#SigCgt:}
+            mask=${mask//[[:space:]]/}
+            (((16#$mask >> 9) & 1)) && return 0
+            return 1
+        fi
+    done <"/proc/$1/status" 2>/dev/null
+    return 1
+}
+
+# Send the stop signal to every `pcam train` under the job's command that is ready for it. Returns
+# 0 once it reached one, 1 if none runs yet (or none has its handler yet): try again later.
 _pcam_forward() {
     local pid found=1
+    [[ -n ${PCAM_CHILD:-} ]] || return 1
     for pid in $(_pcam_descendants "$PCAM_CHILD"); do
         if _pcam_is_train "$pid"; then
+            if ! _pcam_catches "$pid"; then
+                pcam_log "training (pid $pid) has not set its SIG$PCAM_STOP_SIGNAL handler yet; retrying"
+                continue
+            fi
             pcam_log "forwarding SIG$PCAM_STOP_SIGNAL to training (pid $pid): it saves models/last.pt and exits $PCAM_PREEMPT_EXIT"
             kill -s "$PCAM_STOP_SIGNAL" "$pid" 2>/dev/null && found=0
         fi
@@ -212,10 +320,12 @@ _pcam_forward() {
     return "$found"
 }
 
+# The trap only records the signal: it may come at any moment (before the command has started,
+# between two commands, or before `wait` has begun), so the forwarding is done by the loop in
+# pcam_run_preemptible, which looks at least once a second.
 _pcam_on_signal() {
     PCAM_STOP_SIGNAL=$1
     pcam_log "received SIG$1 (time limit near, or scancel --signal): stopping training at the next batch"
-    if _pcam_forward; then PCAM_FORWARDED=1; fi
 }
 
 # pcam_run_preemptible CMD...: run CMD (in the runtime) so that SIGUSR1 to the batch shell
@@ -224,20 +334,28 @@ _pcam_on_signal() {
 pcam_run_preemptible() {
     PCAM_STOP_SIGNAL=""
     PCAM_FORWARDED=0
+    PCAM_CHILD=""
     trap '_pcam_on_signal USR1' USR1
     pcam_run "$@" &
     PCAM_CHILD=$!
-    PCAM_RC=0
-    while :; do
-        wait "$PCAM_CHILD" && PCAM_RC=0 || PCAM_RC=$?
-        kill -0 "$PCAM_CHILD" 2>/dev/null || break
-        # Interrupted by the trap. If training had not started yet, keep looking for it.
-        while [[ -n $PCAM_STOP_SIGNAL && $PCAM_FORWARDED == 0 ]] && kill -0 "$PCAM_CHILD" 2>/dev/null; do
-            if _pcam_forward; then PCAM_FORWARDED=1; else sleep 1; fi
-        done
+    local tick
+    while kill -0 "$PCAM_CHILD" 2>/dev/null; do
+        if [[ -n $PCAM_STOP_SIGNAL && $PCAM_FORWARDED == 0 ]] && _pcam_forward; then
+            PCAM_FORWARDED=1
+        fi
+        # Never block on the command itself: a signal that arrives just before a blocking `wait`
+        # would not interrupt it. A trapped signal ends this short wait at once.
+        sleep 1 &
+        tick=$!
+        wait "$tick" 2>/dev/null || true
+        kill "$tick" 2>/dev/null || true
     done
     wait "$PCAM_CHILD" && PCAM_RC=0 || PCAM_RC=$?
     trap - USR1
+    # A signal that came after training ended (e.g. during evaluate) stopped nothing.
+    if [[ -n $PCAM_STOP_SIGNAL && $PCAM_FORWARDED == 0 ]]; then
+        pcam_log "SIG$PCAM_STOP_SIGNAL came while no training ran: nothing was checkpointed"
+    fi
 }
 
 # pcam_finish_or_requeue WHAT: after pcam_run_preemptible. A stop signal followed by a failed
@@ -273,9 +391,11 @@ pcam_finish_or_requeue() {
 pcam_clone() {
     local submit=$1 commit=$2 work=$3
     pcam_bind_add "$submit"
+    PCAM_CLONE_REUSED=0
     if [[ -d $work/.git ]] && [[ $(git -C "$work" rev-parse HEAD 2>/dev/null) == "$commit" ]]; then
         # Left as it was (models/last.pt, params set by `dvc exp run -S`): the task resumes.
         pcam_log "reusing $work (an earlier attempt of this job)"
+        PCAM_CLONE_REUSED=1
         pcam_bind_add "$work"
         return 0
     fi
@@ -301,4 +421,73 @@ pcam_clone() {
 pcam_work_root() {
     local submit=$1
     echo "${PCAM_WORK_ROOT:-$submit/.pcam-work}"
+}
+
+# --- experiment jobs (repro, sweep): a clone, `dvc exp run`, the result pushed back ----------------
+
+# pcam_exp_job SUBMIT WORK NAME ARGS...: in the clone WORK (pcam_clone, current directory), run
+# `dvc exp run -n NAME ARGS... [-S train.device=cuda]`, requeue on a stop signal, and push the
+# experiment to SUBMIT (`dvc exp push origin`): it shows there in `dvc exp show`, and
+# `dvc exp branch NAME NAME && git merge NAME && dvc checkout --allow-missing` brings its results
+# into the workspace (docs/slurm.md). The submitting checkout is never
+# locked by the job. WORK is removed after the push unless PCAM_KEEP_WORKDIR=1.
+pcam_exp_job() {
+    local submit=$1 work=$2 name=$3
+    shift 3
+    local existing
+    existing=$(pcam_run dvc exp list --name-only 2>/dev/null || true)
+    if grep -qx "$name" <<<"$existing"; then
+        pcam_log "experiment '$name' exists already (an earlier attempt finished it): pushing only"
+    elif ((${PCAM_CLONE_REUSED:-0})); then
+        # A requeued attempt: `dvc exp run` would first check out the committed outputs (with
+        # force), replacing the models/last.pt the stopped attempt saved. The clone already has
+        # the experiment's params (the first attempt's -S): finish it with `dvc repro`, which
+        # resumes from models/last.pt, then record the workspace as the experiment.
+        local -a repro_args=()
+        while (($#)); do
+            case $1 in
+                -S | --set-param) shift ;;
+                -S* | --set-param=*) ;;
+                *) repro_args+=("$1") ;;
+            esac
+            shift
+        done
+        trap pcam_unstage_data EXIT
+        pcam_stage_data "$work"
+        pcam_log "resuming: dvc repro ${repro_args[*]} (params as the first attempt set them), then dvc exp save -n $name"
+        pcam_run_preemptible dvc repro "${repro_args[@]}"
+        pcam_finish_or_requeue "dvc repro (experiment $name)"
+        # dvc.yaml: the pipeline's outputs only (data.dvc's data/raw may never have been fetched).
+        pcam_run dvc exp save -n "$name" dvc.yaml || pcam_die "dvc exp save -n $name failed in $work (kept)."
+    else
+        trap pcam_unstage_data EXIT
+        pcam_stage_data "$work"
+        pcam_log "running: dvc exp run -n $name $* ${PCAM_DEVICE_ARGS[*]}"
+        pcam_run_preemptible dvc exp run -n "$name" "$@" "${PCAM_DEVICE_ARGS[@]}"
+        pcam_finish_or_requeue "dvc exp run $name"
+    fi
+    # Send the experiment (a git ref) to the submitting repository. Outputs are in the shared
+    # cache already (--no-cache); PCAM_PUSH_CACHE=1 also pushes them to the default DVC remote.
+    local push_args=(--no-cache) attempt
+    [[ ${PCAM_PUSH_CACHE:-0} == 1 ]] && push_args=()
+    for attempt in 1 2 3; do
+        if pcam_run dvc exp push "${push_args[@]}" origin "$name"; then
+            pcam_log "pushed experiment '$name' to $submit: see it there with 'dvc exp show'; 'dvc exp branch $name $name && git merge $name && dvc checkout --allow-missing' brings its results into the workspace"
+            # Where and in which image each checkpoint was made (not DVC outputs): kept beside
+            # the job's log, as the clone goes.
+            if compgen -G "models/*.provenance.json" >/dev/null; then
+                mkdir -p "$submit/logs/$name"
+                cp models/*.provenance.json "$submit/logs/$name/"
+                pcam_log "checkpoint provenance: $submit/logs/$name/"
+            fi
+            if [[ ${PCAM_KEEP_WORKDIR:-0} != 1 ]]; then
+                cd "$submit"
+                rm -rf "$work"
+            fi
+            return 0
+        fi
+        pcam_log "dvc exp push failed (attempt $attempt); retrying"
+        sleep $((attempt * 5))
+    done
+    pcam_die "could not push experiment '$name' to $submit; it is kept in $work: push it from there with 'dvc exp push origin $name'."
 }

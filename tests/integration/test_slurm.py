@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.integration.slurm_fixtures import (
     SlurmCluster,
     Workspace,
     cache_dir,
+    cache_without_training,
     dvc,
     local_cluster,
     local_threads,
@@ -65,6 +67,20 @@ def workspace(
     return make_workspace(slurm_cluster, submit_repo, shared_cache, tmp_path)
 
 
+@pytest.fixture
+def untrained_workspace(
+    slurm_cluster: SlurmCluster,
+    submit_repo: Path,
+    shared_cache: Path,
+    pipeline_repo: Path,
+    tmp_path: Path,
+) -> Workspace:
+    """A workspace whose DVC cache (a copy of the shared one) has the data stages but no
+    checkpoints and no run-cache: its jobs must really train."""
+    cache = cache_without_training(shared_cache, pipeline_repo, tmp_path / "cache")
+    return make_workspace(slurm_cluster, submit_repo, cache, tmp_path)
+
+
 def job_log(ws: Workspace, name: str, job_id: str) -> str:
     path = ws.log(f"{name}-{job_id}.out")
     assert path.exists(), f"no log {path}; logs/ has {sorted(p.name for p in ws.log('').glob('*'))}"
@@ -72,22 +88,24 @@ def job_log(ws: Workspace, name: str, job_id: str) -> str:
 
 
 def test_repro_through_the_apptainer_standin_with_staged_data_matches_the_local_run(
-    workspace: Workspace, pipeline_repo: Path, shared_cache: Path, tmp_path: Path
+    untrained_workspace: Workspace, pipeline_repo: Path, tmp_path: Path
 ):
     """repro.sbatch with PCAM_SIF and PCAM_STAGE_DATA=1, run by real Slurm, but NOT in Apptainer.
 
     `apptainer` on the job's PATH is tests/integration/bin/apptainer-standin, which logs its
-    arguments and runs the command on the host in the project venv, with the environment
-    emptied as --cleanenv does (plus APPTAINERENV_*). What this checks: the wrapper's exact
-    `apptainer exec --nv --cleanenv --bind <repo>,<scratch>[,<cache>] IMAGE dvc ...` calls,
-    that the jobs work with only the environment they pass, the image digest, host and commit
-    the job prints, node-local staging and its cleanup, and outputs equal to the local run's.
-    What it does not: no image is built or opened (pcam.sif is a text file the stand-in only
-    checks exists), so not the image's Python and packages; no mount namespace (binds are only
-    checked to exist and to cover the working directory); no GPU behind --nv. The image is
-    tested in tests/integration/test_container.py.
+    arguments and the APPTAINERENV_* it was given and runs the command on the host in the project
+    venv, with the environment emptied as --cleanenv does (plus APPTAINERENV_*). What this checks:
+    the wrapper's exact `apptainer exec --nv --cleanenv --bind ... IMAGE dvc ...` calls, that the
+    jobs work with only the environment they pass (the checkout's src/ on PYTHONPATH, the per-user
+    DVC site cache, the image digest), the job's own clone of the submitted commit (the workspace is
+    never touched: the result comes back as an experiment), node-local staging on a
+    `--constraint=scratch-node` node and its cleanup, the checkpoints' provenance, and outputs equal
+    to the local run's. What it does not: no image is built or opened (pcam.sif is a text file the
+    stand-in only checks exists), so not the image's Python and packages; no mount namespace
+    (binds are only checked to exist and to cover the working directory); no GPU behind --nv. The
+    image is tested in tests/integration/test_container.py.
     """
-    ws = workspace
+    ws = untrained_workspace
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "apptainer").symlink_to(APPTAINER_STANDIN)
@@ -96,12 +114,15 @@ def test_repro_through_the_apptainer_standin_with_staged_data_matches_the_local_
     sif.write_bytes(b"not really an image: the apptainer stand-in runs the project venv\n")
     calls_log = tmp_path / "apptainer-calls.jsonl"
     scratch = Path(ws.env["TMPDIR"])
+    site_cache = tmp_path / "home-cache" / "dvc-site"
+    workspace_lock = (ws.path / "dvc.lock").read_text()
+    commit = run(["git", "rev-parse", "HEAD"], cwd=ws.path).stdout.strip()
 
-    ws.forget_training()
     job = ws.submit(
         "repro",
         PCAM_SIF=str(sif),
         PCAM_STAGE_DATA="1",
+        PCAM_DVC_SITE_CACHE=str(site_cache),
         **same_threads(),
         PATH=f"{bin_dir}:{ws.env['PATH']}",
         APPTAINER_STANDIN_LOG=str(calls_log),
@@ -111,38 +132,110 @@ def test_repro_through_the_apptainer_standin_with_staged_data_matches_the_local_
     log = job_log(ws, "pcam-repro", job)
     assert (record.state, record.exit_code, record.partition) == ("COMPLETED", "0:0", "ci"), log
 
+    # The job ran in its own clone and left the workspace alone; its result is an experiment.
+    name = f"repro-{job}"
+    work = ws.path.resolve() / ".pcam-work" / name
+    assert f"working in {work}" in log
+    assert (ws.path / "dvc.lock").read_text() == workspace_lock
+    assert not work.exists(), "the clone is removed after the push"
+    assert "Running stage 'train'" in log
+    ws.apply(name)
     # The same outputs as the local, uninterrupted `dvc repro` of the same commit.
     assert output_differences(ws.path, pipeline_repo) == []
     assert read_json(ws.path / "reports/metrics.json") == read_json(
         pipeline_repo / "reports/metrics.json"
     )
 
-    # Each dvc command ran as `apptainer exec --nv --cleanenv --bind <repo>,<scratch>[,<cache>]`.
+    # Each dvc command ran as `apptainer exec --nv --cleanenv --bind <binds> IMAGE ...`.
     calls = [json.loads(line) for line in calls_log.read_text().splitlines()]
-    repo, cache = str(ws.path.resolve()), str(shared_cache.resolve())
+    calls = [c for c in calls if c["argv"] != ["--version"]]
     prefix = ["exec", "--nv", "--cleanenv", "--bind"]
-    assert [c["argv"] for c in calls if c["argv"] != ["--version"]] == [
-        [*prefix, f"{repo},{scratch}", str(sif), "dvc", "cache", "dir"],
-        [*prefix, f"{repo},{scratch},{cache}", str(sif), "dvc", "repro", "preprocess"],
-        [*prefix, f"{repo},{scratch},{cache}", str(sif), "dvc", "repro"],
-    ]
+    assert all(c["argv"][:4] == prefix and c["argv"][5] == str(sif) for c in calls)
+    commands = [c["argv"][6:] for c in calls]
+    assert commands[:2] == [["dvc", "cache", "dir"], ["dvc", "config", "core.site_cache_dir"]]
+    assert ["dvc", "repro", "preprocess"] in commands  # staging
+    run_calls = [c for c in calls if c["argv"][6:9] == ["dvc", "exp", "run"]]
+    assert [c["argv"][9:] for c in run_calls] == [["-n", name]]  # not a GPU partition: no -S
+    (run_call,) = run_calls
+    binds = run_call["argv"][4].split(",")
+    assert any(str(work) == b or str(work).startswith(f"{b}/") for b in binds)  # via the repo
+    assert str(scratch) in binds and str(site_cache) in binds
+    assert run_call["cwd"] == str(work)
+    # What reaches the container: the clone's code, the per-user site cache, the image digest.
+    digest = "sha256:" + hashlib.sha256(sif.read_bytes()).hexdigest()
+    passed = run_call["env"]
+    assert passed["APPTAINERENV_PYTHONPATH"] == str(work / "src")
+    assert passed["APPTAINERENV_DVC_SITE_CACHE_DIR"] == str(site_cache)
+    assert passed["APPTAINERENV_PCAM_IMAGE_DIGEST"] == digest
+    assert passed["APPTAINERENV_SLURM_JOB_ID"] == job
+    assert any((site_cache / "repo").iterdir()), (
+        "DVC kept its hash state in the per-user site cache"
+    )
+
+    # Every checkpoint's provenance names the image it was made in (kept beside the job's log).
+    for checkpoint in ("best", "last"):
+        provenance = read_json(ws.log(name) / f"{checkpoint}.provenance.json")
+        environment = provenance["environment"]
+        assert environment["pcam_image_digest"] == digest
+        assert environment["apptainer_container"] == str(sif)
+        assert environment["slurm_job_id"] == job
+
     # The environment it printed, and the node-local copy it trained from (removed afterwards).
-    digest = hashlib.sha256(sif.read_bytes()).hexdigest()
-    commit = run(["git", "rev-parse", "HEAD"], cwd=ws.path).stdout.strip()
-    assert f"image:     {sif} sha256:{digest}" in log
+    assert f"image:     {sif} {digest}" in log
     assert f"commit:    {commit}" in log
+    assert f"dvc site:  {site_cache}" in log
     assert "host:      " in log and "CUDA_VISIBLE_DEVICES=" in log
     staged = scratch / f"pcam-{job}" / "processed"
     assert f"staging: PCAM_TRAIN_DATA_DIR={staged}" in log
-    assert "Running stage 'train'" in log
     assert not staged.parent.exists()
+    # --constraint=scratch-node (site.env's PCAM_STAGE_CONSTRAINT) reached Slurm.
+    shown = run(["scontrol", "show", "job", job], env=ws.cluster.env, check=False).stdout
+    assert not shown or "Features=scratch-node" in shown, shown
+
+
+def test_a_gpu_partition_job_fails_fast_when_the_image_has_no_cuda(
+    workspace: Workspace, tmp_path: Path
+):
+    """On gpu_a100 the job must train on the GPU: in an image without CUDA (here the stand-in,
+    which runs the CPU-only venv) it fails in its first minute with the fix, before any DVC
+    stage, clone or staging, instead of training on the CPU at GPU rates."""
+    ws = workspace
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").symlink_to(APPTAINER_STANDIN)
+    sif = tmp_path / "pcam-cpu.sif"
+    sif.write_bytes(b"a CPU-only image\n")
+    calls_log = tmp_path / "apptainer-calls.jsonl"
+    started = time.monotonic()
+    job = ws.submit(
+        "-p",
+        "gpu_a100",
+        "repro",
+        PCAM_SIF=str(sif),
+        PATH=f"{bin_dir}:{ws.env['PATH']}",
+        APPTAINER_STANDIN_LOG=str(calls_log),
+        APPTAINER_STANDIN_VENV=str(VENV),
+    )
+    record = ws.cluster.wait(job, timeout=300, log=ws.log(f"pcam-repro-{job}.out"))
+    elapsed = time.monotonic() - started
+    log = job_log(ws, "pcam-repro", job)
+    assert (record.state, record.partition) == ("FAILED", "gpu_a100"), log
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to fail:\n{log}"
+    assert f"the image has no CUDA: the image {sif} holds torch" in log
+    assert "GPU partition 'gpu_a100'" in log and "PCAM_SIF=" in log
+    assert "PCAM_REQUIRE_CUDA=0" in log
+    assert "stopping before any work rather than training on the CPU" in log
+    calls = [json.loads(line)["argv"] for line in calls_log.read_text().splitlines()]
+    check = [c for c in calls if c[-1].endswith("slurm/gpu-check.py")]
+    assert check and check[0][:3] == ["exec", "--nv", "--cleanenv"]
+    assert not any(c[6:8] in (["dvc", "exp"], ["dvc", "repro"]) for c in calls if len(c) > 7)
+    assert not (ws.path / ".pcam-work").exists() or not any((ws.path / ".pcam-work").iterdir())
 
 
 def test_usr1_mid_training_requeues_and_resumes_to_the_uninterrupted_result(
-    workspace: Workspace, pipeline_repo: Path
+    untrained_workspace: Workspace, pipeline_repo: Path
 ):
-    ws = workspace
-    ws.forget_training()
+    ws = untrained_workspace
     job = ws.submit("repro", **same_threads())
     log_path = ws.log(f"pcam-repro-{job}.out")
     # Epoch 1 of the default run is done: the signal lands mid-training.
@@ -158,6 +251,11 @@ def test_usr1_mid_training_requeues_and_resumes_to_the_uninterrupted_result(
     assert "restart 1 partition" in log  # the second run's header
     assert "resuming from models/last.pt at epoch" in log
     assert len(ws.cluster.records(job)) == 2  # one record per run: requeued, then completed
+    assert f"reusing {ws.path.resolve()}/.pcam-work/repro-{job}" in log  # the rerun's own clone
+    # ...where `dvc repro` resumes (`dvc exp run` would first restore the committed outputs over
+    # the saved models/last.pt), then `dvc exp save` records the experiment.
+    assert f"then dvc exp save -n repro-{job}" in log
+    ws.apply(f"repro-{job}")
     assert read_json(ws.path / "reports/metrics.json") == read_json(
         pipeline_repo / "reports/metrics.json"
     )
@@ -207,10 +305,10 @@ def test_sweep_pushes_one_experiment_per_grid_line(workspace: Workspace):
 
 def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Workspace):
     ws = workspace
-    ws.forget_training()
     params = ws.path / "params.yaml"
     params.write_text(params.read_text().replace("  lr: 0.002", "  lr: -1", 1))
     assert "lr: -1" in params.read_text()
+    ws.commit("a bad learning rate")  # the job runs the submitted commit
     job = ws.submit("repro", "train")
     record = ws.cluster.wait(job, log=ws.log(f"pcam-repro-{job}.out"))
     log = job_log(ws, "pcam-repro", job)
@@ -220,17 +318,22 @@ def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Work
     # The first stage that loads params.yaml fails (validate or train: upstream stages are
     # restored from the run-cache), and DVC says so.
     assert "ERROR: failed to reproduce '" in log and "exited with 2" in log
-    assert "dvc repro train failed with exit status" in log
-    # Nothing half-written is left where the stage's outputs go.
-    assert sorted(p.name for p in (ws.path / "models").iterdir()) == [".gitignore"]
-    assert not (ws.path / "reports" / "metrics.json").exists()
+    assert f"dvc exp run repro-{job} failed with exit status" in log
+    # The clone is kept for a look; nothing half-written where the stage's outputs go.
+    work = ws.path / ".pcam-work" / f"repro-{job}"
+    assert sorted(p.name for p in (work / "models").iterdir() if not p.name.startswith(".")) in (
+        [],
+        ["best.pt", "last.pt"],  # the commit's own outputs, restored from the cache
+    )
+    assert not list((work / "models").glob(".*.tmp-*"))
 
 
 def test_benchmark_results_are_named_by_partition_and_job(
     workspace: Workspace, slurm_cluster: SlurmCluster
 ):
     ws = workspace
-    job = ws.submit("-p", "gpu_h100", "benchmark")
+    # gpu_h100 is a GPU partition: jobs there require CUDA, which this machine has not.
+    job = ws.submit("-p", "gpu_h100", "benchmark", PCAM_REQUIRE_CUDA="0")
     record = slurm_cluster.wait(job, log=ws.log(f"pcam-benchmark-{job}.out"))
     log = job_log(ws, "pcam-benchmark", job)
     assert (record.state, record.partition) == ("COMPLETED", "gpu_h100"), log

