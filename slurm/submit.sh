@@ -5,7 +5,9 @@
 #   slurm/submit.sh [SBATCH_OPTIONS...] sweep GRID_FILE
 #   slurm/submit.sh [SBATCH_OPTIONS...] benchmark
 #
-# e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`.
+# e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`;
+# all GPUs of a node: `--gpus=4 repro`; two nodes: `--nodes=2 --ntasks-per-node=4 --gpus-per-node=4
+# repro` (docs/distributed.md).
 # Runs sbatch from the repository root (jobs run there), creates logs/, records the current commit
 # in PCAM_COMMIT (every job runs exactly that commit, in a clone of its own) and, for a sweep, sets
 # --array=1-N from the grid file. CPUs per GPU follow the partition (PCAM_CPUS_PER_GPU) unless set;
@@ -20,7 +22,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -88,7 +90,7 @@ fi
 
 # The partition the job goes to: the last -p/--partition option, else SBATCH_PARTITION.
 partition=${SBATCH_PARTITION:-}
-have_cpus=0 have_constraint=0
+have_cpus=0 have_constraint=0 gpus_per_node=0
 for ((i = 0; i < ${#sbatch_opts[@]}; i++)); do
     o=${sbatch_opts[i]}
     case $o in
@@ -97,8 +99,12 @@ for ((i = 0; i < ${#sbatch_opts[@]}; i++)); do
         --partition=*) partition=${o#--partition=} ;;
         --cpus-per-gpu | --cpus-per-gpu=*) have_cpus=1 ;;
         -C | -C?* | --constraint | --constraint=*) have_constraint=1 ;;
+        --gpus-per-node | --gpus-per-node=* | --gpus-per-task | --gpus-per-task=*) gpus_per_node=1 ;;
     esac
 done
+# GPUs per node or per task (several nodes: --nodes=2 --ntasks-per-node=4 --gpus-per-node=4)
+# replace the site's total (SBATCH_GPUS): sbatch takes one way of counting them.
+if ((gpus_per_node)); then unset SBATCH_GPUS; fi
 # CPUs per GPU follow the partition's nodes (site.env: PCAM_CPUS_PER_GPU=gpu_a100:18,gpu_h100:16),
 # unless given as an option, in the environment or in a site file.
 if ((!have_cpus)) && [[ -z ${SBATCH_CPUS_PER_GPU:-} && -n $partition ]]; then

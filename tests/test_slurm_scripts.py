@@ -148,6 +148,22 @@ def test_submit_applies_site_defaults_and_records_the_commit(submit_env):
     assert call["env"]["PCAM_COMMIT"] == head
 
 
+def test_gpus_per_node_replace_the_sites_gpu_total(submit_env):
+    """Several nodes for DDP count GPUs per node: the site's SBATCH_GPUS must not come along."""
+    repo, env = submit_env
+    submit(repo, env, "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "repro")
+    call = recorded(env)
+    assert "SBATCH_GPUS" not in call["env"]
+    assert call["argv"][:4] == [
+        "--parsable",
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+    ]
+    submit(repo, env, "--gpus=4", "repro")
+    assert recorded(env)["env"]["SBATCH_GPUS"] == "1", "--gpus on the command line wins anyway"
+
+
 def test_environment_beats_site_file_beats_site_env(submit_env, tmp_path: Path):
     repo, env = submit_env
     site = tmp_path / "my-site.env"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -176,6 +177,7 @@ def barrier() -> None:
 
 
 def worker_environment(rank: int, size: int, port: int) -> dict[str, str]:
+    threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
     return {
         **os.environ,
         MODE_ENV: "local",
@@ -184,10 +186,9 @@ def worker_environment(rank: int, size: int, port: int) -> dict[str, str]:
         "LOCAL_RANK": str(rank),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
-        # Each worker gets its share of the cores: oversubscribed threads slow every step.
-        "OMP_NUM_THREADS": os.environ.get(
-            "OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // size))
-        ),
+        # Each worker gets its share of the cores (of OMP_NUM_THREADS when set, as the Slurm
+        # wrappers do for the whole job): oversubscribed threads slow every step.
+        "OMP_NUM_THREADS": str(max(1, threads // size)),
     }
 
 
@@ -248,8 +249,16 @@ def launch_local(size: int, argv: Sequence[str]) -> int:
 def launch_srun(argv: Sequence[str]) -> int:
     """One worker per task of the Slurm allocation, through `srun` (which places them on the
     allocation's nodes and binds their GPUs); the rendezvous on the step's first node."""
+    if shutil.which("srun") is None:
+        raise DistributedError(
+            f"this Slurm allocation has {os.environ.get('SLURM_NTASKS')} tasks, but `srun` is not "
+            "on PATH here (inside an Apptainer image it is not): for several nodes run without "
+            "the image (unset PCAM_SIF, the venv route); on one node ask for one task and its "
+            "GPUs (--ntasks=1 --gpus=4: train.devices auto starts a worker per GPU)"
+        )
     env = {**os.environ, MODE_ENV: "srun"}
     env.setdefault(PORT_ENV, str(rendezvous_port(env)))
-    command = ["srun", "--kill-on-bad-exit=1", "--wait=600", *worker_command(argv)]
+    # --overlap: the batch step (dvc, this launcher) keeps its share while the workers run.
+    command = ["srun", "--overlap", "--wait=600", *worker_command(argv)]
     log.info("launching %s training workers with srun", os.environ.get("SLURM_NTASKS"))
     return run_workers([(command, env)])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pcam_pipeline.repro import load_checkpoint
 from tests.integration.slurm_fixtures import (
     APPTAINER_STANDIN,
     VENV,
@@ -260,6 +261,30 @@ def test_usr1_mid_training_requeues_and_resumes_to_the_uninterrupted_result(
         pipeline_repo / "reports/metrics.json"
     )
     assert output_differences(ws.path, pipeline_repo) == []
+
+
+def test_a_two_task_job_trains_on_both_workers_and_requeues_on_usr1(
+    untrained_workspace: Workspace,
+):
+    """`sbatch --ntasks=2`: the train stage's `pcam train` starts its two workers with srun
+    (gloo on the CPU, this cluster has one node), and the preemption contract holds for them."""
+    ws = untrained_workspace
+    job = ws.submit("--ntasks=2", "--gpus=2", "repro", OMP_NUM_THREADS="1")
+    log_path = ws.log(f"pcam-repro-{job}.out")
+    wait_for_line(log_path, r"stages\.train: epoch 1:", 1200, ws.cluster, job)
+    run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
+    record = ws.cluster.wait(job, timeout=1200, log=log_path)
+    log = log_path.read_text()
+    assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), log
+    assert "launching 2 training workers with srun" in log
+    assert "x 2 workers" in log, "the two srun tasks formed one process group"
+    assert "forwarding SIGUSR1 to training" in log
+    assert f"requeueing job {job} (restart 1)" in log
+    assert "resuming from models/last.pt at epoch" in log
+    ws.apply(f"repro-{job}")
+    last = load_checkpoint(ws.path / "models" / "last.pt")
+    assert last["provenance"]["workers"] == 2
+    assert last["progress"]["complete"] and len(last["worker_rng"]) == 2
 
 
 def test_sweep_pushes_one_experiment_per_grid_line(workspace: Workspace):

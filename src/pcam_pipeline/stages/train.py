@@ -456,6 +456,8 @@ def launch(params: Params, processes: int) -> None:
             code = distributed.launch_srun(argv)
         else:
             code = distributed.launch_local(processes, argv)
+    except distributed.DistributedError as error:
+        raise WorkersFailed(str(error)) from None
     finally:
         params_file.unlink(missing_ok=True)
     if code == EXIT_PREEMPTED:
