@@ -87,7 +87,7 @@ def test_every_run_step_is_a_covered_make_target():
         targets.append(words[1])
     assert set(targets) == set(COVERED), "update COVERED with the test that runs the new target"
     for target in targets:
-        dry = subprocess.run(["make", "-n", target], cwd=REPO_ROOT, capture_output=True, text=True)
+        dry = make_dry_run(target)
         assert dry.returncode == 0, f"make {target}: {dry.stderr}"
     for target, test in COVERED.items():
         path, name = test.split("::")
@@ -109,8 +109,21 @@ def test_the_workflow_builds_both_variants_and_checks_the_cpu_image():
     assert images["BASE_IMAGE"].endswith(f"python:{python}-slim-bookworm")
 
 
+def make_dry_run(target: str) -> subprocess.CompletedProcess[str]:
+    """`make -n TARGET` as a user types it: not as a sub-make of the `make test` running these
+    tests (whose MAKEFLAGS and MAKELEVEL would add "Entering directory" lines)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-n", target],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_ci_test_is_the_ci_entry_point():
-    dry = subprocess.run(["make", "-n", "ci-test"], cwd=REPO_ROOT, capture_output=True, text=True)
+    dry = make_dry_run("ci-test")
     assert dry.stdout.strip() == "bash .ci/run"
     assert "PCAM_REQUIRE_INTEGRATION=1" in (REPO_ROOT / ".ci" / "run").read_text()
 
