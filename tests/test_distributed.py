@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import psutil
@@ -17,7 +16,13 @@ from pcam_pipeline.distributed import World, first_host, requested_processes, wo
 from pcam_pipeline.preemption import EXIT_PREEMPTED
 from pcam_pipeline.repro import load_checkpoint
 from pcam_pipeline.training import shard_positions
-from tests.tiny_pipeline import pcam, run_pcam, tiny_data, tree_bytes, write_params_file
+from tests.tiny_pipeline import (
+    run_pcam,
+    run_until_line,
+    tiny_data,
+    training_outputs,
+    write_params_file,
+)
 
 __all__ = ["tiny_data"]
 
@@ -25,13 +30,7 @@ TWO = {"train": {"devices": 2}}
 STOP_AT = "epoch 2 batch 3/8 "  # worker 0's debug line after the 3rd of 8 steps of epoch 2
 
 
-def outputs(run: Path) -> dict[str, bytes]:
-    return {
-        f"{top}/{name}": data
-        for top in ("models", "dvclive")
-        for name, data in tree_bytes(run / top).items()
-        if not name.endswith(".provenance.json")
-    }
+outputs = training_outputs
 
 
 def train_run(directory: Path, data: Path, **sections) -> Path:
@@ -122,27 +121,18 @@ def test_sigusr1_to_one_worker_stops_all_and_the_rerun_ends_identical(
     two_worker_run, tiny_data, tmp_path
 ):
     write_params_file(tmp_path, **TWO)
-    launcher = pcam(
-        ["-v", "train"], tmp_path, tiny_data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    watchdog = threading.Timer(300, launcher.kill)
-    watchdog.start()
-    lines, target = [], None
-    try:
-        assert launcher.stdout is not None
-        for line in launcher.stdout:
-            lines.append(line)
-            if target is None and STOP_AT in line:
-                workers = psutil.Process(launcher.pid).children()
-                ranks = {int(w.environ().get("RANK", -1)): w for w in workers}
-                target = ranks[1]  # not the one that writes: the signal must travel
-                target.send_signal(signal.SIGUSR1)
-        launcher.wait()
-    finally:
-        watchdog.cancel()
-    log = "".join(lines)
+    targets = []
+
+    def signal_worker_1(launcher: subprocess.Popen) -> None:
+        workers = psutil.Process(launcher.pid).children()
+        ranks = {int(w.environ().get("RANK", -1)): w for w in workers}
+        targets.append(ranks[1])  # not the one that writes: the signal must travel
+        ranks[1].send_signal(signal.SIGUSR1)
+
+    code, log, _ = run_until_line(["-v", "train"], tmp_path, tiny_data, STOP_AT, signal_worker_1)
+    target = targets[0] if targets else None
     assert target is not None, log[-4000:]
-    assert launcher.returncode == EXIT_PREEMPTED, log[-4000:]
+    assert code == EXIT_PREEMPTED, log[-4000:]
     saved = load_checkpoint(tmp_path / "models" / "last.pt")
     assert saved["progress"]["epoch"] == 1 and 3 <= saved["progress"]["batch"] < 8
     assert not saved["progress"]["complete"]

@@ -19,7 +19,7 @@ from pcam_pipeline.preemption import Preempted, StopFlag
 from pcam_pipeline.repro import load_checkpoint
 from pcam_pipeline.stages import train
 from pcam_pipeline.training import Loop, RunningSums
-from tests.tiny_pipeline import small_run_params, tiny_data, tree_bytes, workdir
+from tests.tiny_pipeline import small_run_params, tiny_data, training_outputs, workdir
 
 __all__ = ["tiny_data"]
 
@@ -40,13 +40,7 @@ def train_in(directory: Path, data: Path, params: Params) -> Path:
     return directory
 
 
-def outputs(run: Path) -> dict[str, bytes]:
-    return {
-        f"{top}/{name}": data
-        for top in ("models", "dvclive")
-        for name, data in tree_bytes(run / top).items()
-        if not name.endswith(".provenance.json")
-    }
+outputs = training_outputs
 
 
 def test_twin_cuda_runs_are_bit_identical(tiny_data, tmp_path):

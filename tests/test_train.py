@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,13 @@ from pcam_pipeline.stages import train
 from pcam_pipeline.training import TrainStep
 from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import (
-    pcam,
     run_pcam,
+    run_until_line,
     small_run_params,
     tiny_data,
     train_in,
     trained_run,
-    tree_bytes,
+    training_outputs,
     workdir,
     write_params_file,
 )
@@ -58,15 +57,7 @@ OUTPUT_FILES = sorted(
 )
 
 
-def outputs(run: Path) -> dict[str, bytes]:
-    """The train stage's outputs (what dvc.yaml declares) by relative path; not the provenance
-    records beside the checkpoints, which say when and where a run happened."""
-    return {
-        f"{top}/{name}": data
-        for top in ("models", "dvclive")
-        for name, data in tree_bytes(run / top).items()
-        if not name.endswith(".provenance.json")
-    }
+outputs = training_outputs
 
 
 def assert_same_bytes(first: dict[str, bytes], second: dict[str, bytes]) -> None:
@@ -98,23 +89,11 @@ STOP_AT = "epoch 2 batch 3/8 "  # debug line after the 3rd of 8 batches of the 2
 
 def run_until_stopped(run: Path, data: Path, sig: signal.Signals) -> tuple[int, str]:
     """`pcam -v train`, sent `sig` once its log shows the 3rd batch of epoch 2 is done."""
-    process = pcam(["-v", "train"], run, data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    watchdog = threading.Timer(240, process.kill)
-    watchdog.start()
-    lines, sent = [], False
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if not sent and STOP_AT in line:
-                process.send_signal(sig)
-                sent = True
-        process.wait()
-    finally:
-        watchdog.cancel()
-    log = "".join(lines)
+    code, log, sent = run_until_line(
+        ["-v", "train"], run, data, STOP_AT, lambda process: process.send_signal(sig), 240
+    )
     assert sent, f"never saw {STOP_AT!r} in the log:\n{log[-4000:]}"
-    return process.returncode, log
+    return code, log
 
 
 def assert_saved_mid_epoch(run: Path, first_batch: int) -> int:

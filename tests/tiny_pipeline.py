@@ -12,7 +12,8 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,44 @@ def run_pcam(
     process = pcam(args, cwd, data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, None)
+
+
+def run_until_line(
+    args: list[str],
+    cwd: Path,
+    data_dir: Path,
+    marker: str,
+    act: Callable[[subprocess.Popen], None],
+    timeout: float = 300,
+) -> tuple[int, str, bool]:
+    """Start `pcam ARGS`, call `act(process)` once a line of its output contains `marker`, wait
+    for it to end (killed after `timeout` s): (exit status, its output, whether `act` ran)."""
+    process = pcam(args, cwd, data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    lines, acted = [], False
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if not acted and marker in line:
+                act(process)
+                acted = True
+        process.wait()
+    finally:
+        watchdog.cancel()
+    return process.returncode, "".join(lines), acted
+
+
+def training_outputs(run: Path) -> dict[str, bytes]:
+    """The train stage's outputs (what dvc.yaml declares) by relative path; not the provenance
+    records beside the checkpoints, which say when and where a run happened."""
+    return {
+        f"{top}/{name}": data
+        for top in ("models", "dvclive")
+        for name, data in tree_bytes(run / top).items()
+        if not name.endswith(".provenance.json")
+    }
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:

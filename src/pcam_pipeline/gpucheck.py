@@ -32,7 +32,7 @@ from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.data.pcam import SPLITS
 from pcam_pipeline.distributed import free_port
 from pcam_pipeline.measure import PCAM_TRAIN_PATCHES, time_training_loop
-from pcam_pipeline.params import Params, load_params
+from pcam_pipeline.params import Params, TrainParams, load_params
 from pcam_pipeline.paths import PARAMS_FILE
 from pcam_pipeline.repro import read_json, seed_everything, write_json
 
@@ -111,6 +111,20 @@ def prepare_data(params: Params, root: Path, patches: int) -> dict[str, Any]:
     return result
 
 
+def cuda_train_params(
+    params: Params, batch_size: int, precision: str, compile_mode: str
+) -> TrainParams:
+    """params.train for one row of the table: on CUDA, at this batch size, precision, compile."""
+    return params.train.model_copy(
+        update={
+            "batch_size": batch_size,
+            "bf16": precision == "bf16",
+            "compile": compile_mode,
+            "device": "cuda",
+        }
+    )
+
+
 def time_loops(
     params: Params,
     processed: Path,
@@ -130,14 +144,7 @@ def time_loops(
     record("feeder", {"mode": feeder.mode, "to_device_s": time.perf_counter() - start})
     rows = []
     for batch_size, precision, compile_mode in configs:
-        train = params.train.model_copy(
-            update={
-                "batch_size": batch_size,
-                "bf16": precision == "bf16",
-                "compile": compile_mode,
-                "device": "cuda",
-            }
-        )
+        train = cuda_train_params(params, batch_size, precision, compile_mode)
         try:
             row = time_training_loop(train, params.loader, feeder, mean, std, 20, budget_s)
         except Exception as error:  # one failing configuration must not hide the others
@@ -156,14 +163,7 @@ def time_loops(
     try:
         ddp_rows = []
         for batch_size, precision, compile_mode in DDP_CONFIGS:
-            train = params.train.model_copy(
-                update={
-                    "batch_size": batch_size,
-                    "bf16": precision == "bf16",
-                    "compile": compile_mode,
-                    "device": "cuda",
-                }
-            )
+            train = cuda_train_params(params, batch_size, precision, compile_mode)
             row = time_training_loop(
                 train, params.loader, feeder, mean, std, 20, budget_s, ddp=True
             )
