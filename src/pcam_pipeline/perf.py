@@ -148,7 +148,7 @@ def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "peak_rss_mb": peak,
-        "working_memory_mb": peak - baseline / 2**20,
+        "working_memory_mb": peak - (baseline / 2**20),  # both in MB
         **extra,
     }
 
