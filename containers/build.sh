@@ -292,8 +292,11 @@ build_args() {
 }
 
 cmd_plan() {
-    # Needs no engine: name the one `image` would use, else podman.
-    if [[ -z "${PCAM_ENGINE:-}" ]] && ! command -v docker >/dev/null 2>&1 && ! command -v podman >/dev/null 2>&1; then
+    # Needs no engine installed: name the one `image` would use (PCAM_ENGINE, else the one
+    # found), else podman.
+    if [[ "${PCAM_ENGINE:-}" == docker || "${PCAM_ENGINE:-}" == podman ]]; then
+        ENGINE="$PCAM_ENGINE"
+    elif [[ -z "${PCAM_ENGINE:-}" ]] && ! command -v docker >/dev/null 2>&1 && ! command -v podman >/dev/null 2>&1; then
         ENGINE=podman
     else
         pick_engine

@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from pcam_pipeline import numerics
+from pcam_pipeline.errors import RefusedCheckpoint
 from pcam_pipeline.models import CNN, MLP, build_model
 from pcam_pipeline.params import TrainParams
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted, StopFlag
@@ -104,6 +107,40 @@ def assert_saved_mid_epoch(run: Path, first_batch: int) -> int:
     assert len(saved["history"]) == 1
     assert saved["sums"]["steps"] == saved["batch"]
     return saved["batch"]
+
+
+def test_cpu_training_is_the_same_for_1_2_and_4_threads(trained_run, tiny_data, tmp_path):
+    # The first convolution (3 -> 8 channels: one block of output channels) is the one whose
+    # weight gradient oneDNN splits over the threads it has; portable numerics (the default)
+    # sum it on one thread, so any thread count trains the same weights.
+    default = torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            run = train_in(tmp_path / f"threads-{threads}", tiny_data)
+            assert_same_bytes(outputs(trained_run), outputs(run))
+    finally:
+        torch.set_num_threads(default)
+
+
+def test_native_numerics_leave_the_libraries_to_choose(tiny_data, tmp_path):
+    # `cpu.numerics: native`: no pinned kernels, the CPU's own best (AVX-512 where it has it),
+    # and the provenance record says so.
+    write_params_file(tmp_path, cpu={"numerics": "native"})
+    env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV}
+    unpinned = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    result = run_pcam(["train"], tmp_path, tiny_data, env=env)
+    assert result.returncode == 0, result.stdout
+    record = json.loads((tmp_path / "models" / "best.provenance.json").read_text())["cpu"]
+    assert record["numerics"] == record["level"] == "native"
+    assert record["torch_capability"] == unpinned
+    assert record["environment"] == dict.fromkeys(numerics.PORTABLE_ENV)
 
 
 def test_preempted_process_exits_75_and_resumes_to_identical_outputs(
@@ -221,8 +258,14 @@ def test_checkpoints_record_params_data_versions_and_rng(trained_run, tiny_data)
         assert record["md5"] == md5_file(trained_run / "models" / name)
         assert {"git_commit", "git_dirty", "host", "created_utc", "environment"} <= set(record)
         assert provenance["device"] == "cpu"
-        assert provenance["torch_threads"] == torch.get_num_threads()
-        versions = provenance["versions"]
+        # The library builds, the thread count and the CPU are in the record too: two torch
+        # builds or thread counts that compute the same tensors write the same checkpoint.
+        assert set(provenance) == {"data_md5", "device"}
+        cpu = record["cpu"]
+        assert cpu["numerics"] == "portable" and cpu["torch_threads"] == torch.get_num_threads()
+        assert cpu["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert {"level", "cpu_vendor", "cpu_model", "environment"} <= set(cpu)
+        versions = record["versions"]
         assert versions["torch"] == torch.__version__
         assert versions["numpy"] == np.__version__
         assert {"python", "h5py", "dvc"} <= set(versions)
@@ -296,10 +339,13 @@ def test_checkpoint_loading_refuses_a_pickle_with_code(tmp_path):
     torch.save({"model": CodeInPickle(marker), "format": 1}, tmp_path / "evil.pt")
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"model": CodeInPickle(marker)}, protocol=2))
     for name in ("evil.pt", "evil.pkl"):  # torch's zip format and a bare legacy pickle
-        with pytest.raises(ValueError, match="refused to load"):
+        with pytest.raises(RefusedCheckpoint, match="refused to load"):
             load_checkpoint(tmp_path / name)
-        with pytest.raises(ValueError, match="refused to load"):
+        evil = (tmp_path / name).read_bytes()
+        with pytest.raises(train.CheckpointSetAside, match=r"refused to load.*moved to"):
             train.try_resume(tmp_path / name, "any")
+        [moved] = tmp_path.glob(f"{name}.refused-*")  # kept, under a name that says why
+        assert moved.read_bytes() == evil and not (tmp_path / name).exists()
     assert not marker.exists(), "the checkpoint's code ran"
 
 

@@ -74,18 +74,30 @@ def write_tiny_dataset(directory: Path, sizes: dict[str, int] = SIZES, seed: int
     return directory
 
 
-def pcam(args: list[str], cwd: Path, data_dir: Path, **kwargs: Any) -> subprocess.Popen:
-    """Start `pcam ARGS` in `cwd` (which holds params.yaml), reading data from `data_dir`."""
-    env = {**os.environ, "PCAM_TRAIN_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+def pcam(
+    args: list[str],
+    cwd: Path,
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> subprocess.Popen:
+    """Start `pcam ARGS` in `cwd` (which holds params.yaml), reading data from `data_dir`, in
+    `env` (default: this process's environment)."""
+    env = {**(os.environ if env is None else env), "PCAM_TRAIN_DATA_DIR": str(data_dir)}
+    env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen(
         [sys.executable, "-m", "pcam_pipeline.cli", *args], cwd=cwd, env=env, text=True, **kwargs
     )
 
 
 def run_pcam(
-    args: list[str], cwd: Path, data_dir: Path, timeout: float = 240
+    args: list[str],
+    cwd: Path,
+    data_dir: Path,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    process = pcam(args, cwd, data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = pcam(args, cwd, data_dir, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, None)
 

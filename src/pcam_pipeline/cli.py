@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pcam_pipeline import numerics
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import ParamsError, load_params
 from pcam_pipeline.paths import PARAMS_FILE, RAW_DIR
@@ -43,12 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        # Every stage's imports (torch, NumPy) come after the pin: the libraries read it on load.
         if args.command == "predict":
+            numerics.pin("portable")
             from pcam_pipeline import predict
 
             predict.main(args.checkpoint, args.inputs, args.out, args.threshold, args.device)
             return 0
         params = load_params(args.params)
+        numerics.pin(params.cpu.numerics)
         if args.command == "download":
             from pcam_pipeline.stages import fetch
 

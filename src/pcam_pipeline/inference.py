@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from pcam_pipeline.data.loader import DeviceBatches, normalise
+from pcam_pipeline.errors import CheckpointError
 from pcam_pipeline.models import build_model
 from pcam_pipeline.params import TrainParams
-from pcam_pipeline.repro import load_checkpoint
+from pcam_pipeline.repro import first_sentence, load_checkpoint
 from pcam_pipeline.runtime import uses_channels_last
 
 
@@ -59,15 +60,24 @@ def predict_split(
 def model_from_checkpoint(
     path: Path, device: torch.device
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """The model a checkpoint holds, with its normalisation statistics; needs nothing else."""
+    """The model a checkpoint holds, with its normalisation statistics; needs nothing else.
+
+    Raises CheckpointError for a file that cannot be loaded, or that loads but is not what
+    `pcam train` writes (a bare state dict, another architecture's weights)."""
     checkpoint = load_checkpoint(path)
-    train_params = TrainParams.model_validate(checkpoint["params"]["train"])
-    model = build_model(train_params)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        train_params = TrainParams.model_validate(checkpoint["params"]["train"])
+        model = build_model(train_params)
+        model.load_state_dict(checkpoint["model"])
+        stats = checkpoint["normalisation"]
+        mean = torch.tensor(stats["mean"], device=device)
+        std = torch.tensor(stats["std"], device=device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        said = first_sentence(str(exc)) or type(exc).__name__
+        raise CheckpointError(
+            path, f"not a checkpoint written by `pcam train` ({type(exc).__name__}: {said})"
+        ) from None
     model.to(device)
     if uses_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
-    stats = checkpoint["normalisation"]
-    mean = torch.tensor(stats["mean"], device=device)
-    std = torch.tensor(stats["std"], device=device)
     return model, mean, std, checkpoint

@@ -9,7 +9,9 @@ from sklearn import metrics as skm
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2:
+    """NaN where undefined: one class only, or scores that are not all numbers (a model that
+    diverged), which scikit-learn refuses with an error."""
+    if len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
         return float("nan")
     return float(skm.roc_auc_score(labels, scores))
 

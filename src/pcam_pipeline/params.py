@@ -26,6 +26,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CpuParams(_Section):
+    # portable: the same bits on every x86-64 CPU with AVX2, for any thread count (numerics.py);
+    # native: each library's fastest kernels, reproducible on one CPU model and thread count.
+    numerics: Literal["portable", "native"]
+
+
 class SplitSizes(_Section):
     train: int = Field(gt=0)
     valid: int = Field(gt=0)
@@ -159,6 +165,7 @@ class BenchmarkParams(_Section):
 
 
 class Params(_Section):
+    cpu: CpuParams
     fetch: FetchParams
     validate_: ValidateParams = Field(alias="validate")
     preprocess: PreprocessParams

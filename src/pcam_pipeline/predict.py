@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from pcam_pipeline.data.pcam import PATCH_SHAPE
-from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.errors import CheckpointError, PipelineError
 from pcam_pipeline.inference import model_from_checkpoint, predict_batches
-from pcam_pipeline.repro import atomic_path
+from pcam_pipeline.repro import atomic_path, first_sentence
 from pcam_pipeline.runtime import resolve_device, uses_bf16
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
+INPUTS = "give one HDF5 file with dataset 'x' of shape (N,96,96,3), or 96x96 PNG patches"
 
 
 def _as_uint8(images: np.ndarray) -> np.ndarray:
@@ -39,10 +40,7 @@ def read_png(path: Path) -> np.ndarray:
     try:
         image = matplotlib.image.imread(path)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise PipelineError(
-            f"{path}: cannot read as an image ({exc}); give PNG files "
-            "or one HDF5 file with dataset 'x'"
-        ) from None
+        raise PipelineError(f"{path}: not an HDF5 file or PNG image ({exc}); {INPUTS}") from None
     if image.dtype != np.uint8:  # PNGs load as float in [0, 1]
         image = np.round(image * 255)
     if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[:2] != PATCH_SHAPE[:2]:
@@ -54,7 +52,18 @@ def read_png(path: Path) -> np.ndarray:
 
 def hdf5_blocks(path: Path, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
     """(names, uint8 patches) blocks of an HDF5 file's dataset `x`, in order."""
-    with h5py.File(path, "r") as handle:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        said = first_sentence(str(exc)) or type(exc).__name__
+        if not h5py.is_hdf5(path):  # a text file or an image named .h5
+            raise PipelineError(
+                f"{path}: not an HDF5 file or PNG image ({said}); {INPUTS}"
+            ) from None
+        raise PipelineError(
+            f"{path}: a damaged HDF5 file ({said}); copy or write it again, or {INPUTS}"
+        ) from None
+    with handle:
         if "x" not in handle:
             raise PipelineError(
                 f"{path}: no dataset 'x' (keys: {sorted(handle)}); "
@@ -67,7 +76,14 @@ def hdf5_blocks(path: Path, batch_size: int) -> Iterator[tuple[list[str], np.nda
                 "(96x96 RGB, channels last)"
             )
         for start in range(0, x.shape[0], batch_size):
-            block = x[start : start + batch_size]
+            try:
+                block = x[start : start + batch_size]
+            except OSError as exc:  # a corrupt chunk, a file cut short
+                last = min(start + batch_size, x.shape[0]) - 1
+                raise PipelineError(
+                    f"{path}: patches {start}..{last} cannot be read ({exc}): a damaged file; "
+                    "copy or write it again"
+                ) from None
             yield [f"{path}[{i}]" for i in range(start, start + len(block))], _as_uint8(block)
 
 
@@ -111,7 +127,13 @@ def main(
     batch_size: int = 256,
 ) -> None:
     device = resolve_device(device_choice)
-    model, mean, std, state = model_from_checkpoint(checkpoint, device)
+    try:
+        model, mean, std, state = model_from_checkpoint(checkpoint, device)
+    except CheckpointError as error:
+        raise PipelineError(
+            f"{checkpoint}: {error.reason}. Fix: give a checkpoint written by `pcam train` "
+            "(models/best.pt of a finished run)"
+        ) from None
     # evaluate scores with bf16 autocast on CUDA when the run trained that way: do the same.
     bf16 = uses_bf16(bool(state["params"]["train"].get("bf16", False)), device)
     names: list[str] = []

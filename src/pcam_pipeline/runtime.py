@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from pcam_pipeline import numerics
 from pcam_pipeline.paths import PROCESSED_DIR, TRAIN_DATA_DIR_ENV
 
 
@@ -38,3 +40,30 @@ def uses_bf16(requested: bool, device: torch.device) -> bool:
 def uses_channels_last(device: torch.device) -> bool:
     """channels_last feeds cuDNN's fastest convolutions; on the CPU it buys nothing."""
     return device.type == "cuda"
+
+
+def cpu_numerics_record() -> dict[str, Any]:
+    """What decided this process's CPU numbers, for a provenance record: the numerics mode and
+    the level the libraries run at, the CPU, and the thread count.
+
+    The vendor and model are what the operating system reports (/proc/cpuinfo: the host's,
+    under qemu-user); `vector_extensions` are what the CPU itself answers (CPUID, via NumPy).
+    """
+    identity = numerics.cpu_identity()
+    return {
+        "numerics": numerics.active(),
+        "level": numerics.level(identity),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_vendor": identity["vendor"],
+        "cpu_model": identity["model"],
+        "vector_extensions": vector_extensions(),
+        "torch_threads": torch.get_num_threads(),
+        "environment": {name: os.environ.get(name) for name in numerics.PORTABLE_ENV},
+    }
+
+
+def vector_extensions() -> list[str]:
+    """The vector extensions the CPU reports (CPUID) among those that change kernel choice."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    return [name for name in ("AVX2", "FMA3", "AVX512F", "AVX512_SKX") if __cpu_features__[name]]

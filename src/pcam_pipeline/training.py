@@ -7,6 +7,10 @@ seeded generators and sent over once per epoch, the loss, accuracy and gradient-
 on the device (read once per epoch, and every few seconds for a progress bar), and gradient
 clipping scales by a device tensor. On the CPU the numbers are bit-identical to summing
 `.item()`s in Python: the same float64 additions in the same order.
+
+With portable CPU numerics (`cpu.numerics`, see numerics.py) a CPU run computes the same bits
+on any x86-64 CPU with AVX2 and for any thread count: the convolutions' weight gradients are
+summed on one thread (`portable_convolutions`) and the optimisers are PyTorch's fused kernels.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from pcam_pipeline import numerics
 from pcam_pipeline.data.loader import (
     DeviceBatches,
     Split,
@@ -59,12 +67,10 @@ def lr_factor(params: TrainParams, step: int, steps_per_epoch: int) -> float:
     return 1.0  # constant, and plateau (whose decay is applied per epoch)
 
 
-def build_optimizer(
-    model: nn.Module, params: TrainParams, device: torch.device
-) -> torch.optim.Optimizer:
-    # On CUDA the fused kernels: one launch per step, and the step count stays on the device.
-    # On the CPU PyTorch's default implementation, whose results the CPU tests pin.
-    fused = True if device.type == "cuda" else None
+def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    """PyTorch's fused optimiser kernels on every device. On CUDA: one launch per step, and the
+    step count stays on the device. On the CPU: the exact `sqrt` instruction, where the
+    for-loop AdamW takes MKL's vector square root, whose last bits differ between CPU vendors."""
     if params.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -72,11 +78,90 @@ def build_optimizer(
             momentum=params.momentum,
             weight_decay=params.weight_decay,
             nesterov=True,
-            fused=fused,
+            fused=True,
         )
     return torch.optim.AdamW(
-        model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=fused
+        model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True
     )
+
+
+def portable_convolutions(model: nn.Module) -> nn.Module:
+    """Make every Conv2d of `model` sum its weight and bias gradients on one thread.
+
+    oneDNN splits that sum over the minibatch when it has more threads than output-channel
+    blocks and adds the parts in another order, so 4 threads trained other weights than 2. The
+    forward pass and the input gradient never split a sum and keep every thread. The modules'
+    parameters and state are unchanged. Costs 0.91x of the CPU step at batch 64 on 2 cores
+    (docs/performance.md).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module._conv_forward = types.MethodType(_portable_conv_forward, module)  # type: ignore[method-assign]
+    return model
+
+
+def _portable_conv_forward(
+    self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if x.device.type != "cpu" or not (weight.requires_grad and torch.is_grad_enabled()):
+        return nn.Conv2d._conv_forward(self, x, weight, bias)
+    padding = self.padding
+    if self.padding_mode != "zeros" or isinstance(padding, str):
+        # Pad explicitly, as Conv2d does for the other modes: the backward needs numbers.
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        x = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        padding = (0, 0)
+    geometry = ConvGeometry(list(self.stride), list(padding), list(self.dilation), self.groups)
+    return SingleThreadWeightGrad.apply(x, weight, bias, geometry)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+
+
+class SingleThreadWeightGrad(torch.autograd.Function):
+    """conv2d whose weight and bias gradients are computed with one thread."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        geometry: ConvGeometry,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.has_bias = geometry, bias is not None
+        g = geometry
+        return nn.functional.conv2d(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        g: ConvGeometry = ctx.geometry
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+
+        def gradients(mask: list[bool]) -> tuple[torch.Tensor, ...]:
+            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            return torch.ops.aten.convolution_backward(
+                grad, x, weight, bias_sizes, g.stride, g.padding, g.dilation, False, [0, 0],
+                g.groups, mask,
+            )  # fmt: skip
+
+        grad_input = gradients([True, False, False])[0] if needs_input else None
+        grad_weight = grad_bias = None
+        if needs_weight or needs_bias:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                _, grad_weight, grad_bias = gradients([False, needs_weight, needs_bias])
+            finally:
+                torch.set_num_threads(threads)
+        return grad_input, grad_weight, grad_bias, None
 
 
 def class_weights(labels: np.ndarray) -> np.ndarray:
@@ -263,6 +348,8 @@ class Loop:
                 f"evenly over {world.size} training processes; use a multiple of {world.size}"
             )
         self.model = build_model(params).to(device)
+        if device.type == "cpu" and params.compile == "off" and numerics.active() == "portable":
+            portable_convolutions(self.model)
         if uses_channels_last(device):
             self.model = self.model.to(memory_format=torch.channels_last)
         trained: nn.Module = self.model
@@ -270,7 +357,7 @@ class Loop:
             trained = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.optimizer = build_optimizer(self.model, params, device)
+        self.optimizer = build_optimizer(self.model, params)
         self.step = TrainStep(trained, self.optimizer, params, mean, std, device, world.size)
         # A feeder may be shared (the benchmark's loops): the split goes to the GPU once.
         self.feeder = feeder or DeviceBatches(split, device, loader)

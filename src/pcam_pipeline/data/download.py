@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import logging
-import os
 import shutil
 import time
 import urllib.error
@@ -13,14 +13,26 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.repro import HASH_BLOCK, atomic_path, md5_file
+from pcam_pipeline.errors import NoSpace, PipelineError
+from pcam_pipeline.repro import (
+    HASH_BLOCK,
+    atomic_path,
+    human_bytes,
+    md5_file,
+    mount_point,
+    nearest_existing,
+    require_free_space,
+    write_failed,
+)
 
 log = logging.getLogger(__name__)
 
 
 class DownloadError(PipelineError):
     """A file could not be fetched or did not match its published checksum."""
+
+
+SPACE_FIX = "free space there (or download to a larger file system with `pcam download --dir`)"
 
 
 def _md5_of_prefix(path: Path) -> hashlib._Hash:
@@ -53,6 +65,11 @@ def fetch_resumable(
                 if have and response.status != 206:
                     log.info("%s: server ignored the resume request, starting over", url)
                     have = 0
+                remaining = response.headers.get("Content-Length")
+                if remaining is not None:
+                    # Starting over frees what the partial file holds.
+                    held = partial.stat().st_size if partial.exists() and not have else 0
+                    require_free_space(partial, int(remaining) - held, SPACE_FIX)
                 digest = _md5_of_prefix(partial) if have else hashlib.md5()
                 with open(partial, "ab" if have else "wb") as out:
                     while block := response.read(HASH_BLOCK):
@@ -69,6 +86,8 @@ def fetch_resumable(
                 return _md5_of_prefix(partial).hexdigest()
             raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # no retry frees space
+                raise disk_full(partial, exc) from None
             if attempt == attempts:
                 raise DownloadError(
                     f"{url}: failed after {attempts} attempts ({exc}); the partial file "
@@ -79,11 +98,30 @@ def fetch_resumable(
     raise AssertionError("unreachable")
 
 
+def disk_full(partial: Path, error: OSError) -> NoSpace:
+    holder = nearest_existing(partial)
+    return NoSpace(
+        f"{partial}: the file system at {mount_point(holder)} "
+        f"({human_bytes(shutil.disk_usage(holder).total)} in all) filled up during the download "
+        f"({error.strerror}); the partial download is kept. Fix: {SPACE_FIX}, then run the same "
+        "command again to resume"
+    )
+
+
 def gunzip_verified(source: Path, final: Path, expected_md5: str | None) -> None:
     """Unpack `source` into `final` via a temporary name, keeping it only if its md5 matches."""
     with atomic_path(final) as tmp:
-        with gzip.open(source, "rb") as packed, open(tmp, "wb") as out:
-            shutil.copyfileobj(packed, out, HASH_BLOCK)
+        try:
+            with gzip.open(source, "rb") as packed, open(tmp, "wb") as out:
+                shutil.copyfileobj(packed, out, HASH_BLOCK)
+        except OSError as exc:
+            if exc.errno is None:  # gzip's own error: the download is damaged, not the disk
+                raise
+            fix = (
+                f"{SPACE_FIX}, then run the same command again: it unpacks the download it kept, "
+                f"{source}, without fetching it again"
+            )
+            raise write_failed(final, exc, fix) from None
         actual = md5_file(tmp)
         if expected_md5 is not None and actual != expected_md5:
             raise DownloadError(
@@ -123,7 +161,10 @@ def download_pcam_file(
         )
     try:
         gunzip_verified(partial, final, h5_md5)
-    finally:
-        if partial.exists():
-            os.unlink(partial)
+    except NoSpace:
+        raise  # the verified download is kept: the next run unpacks it without fetching again
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.unlink(missing_ok=True)
     return final

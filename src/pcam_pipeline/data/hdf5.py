@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import mmap
 import os
@@ -19,7 +20,7 @@ import h5py
 import numpy as np
 
 from pcam_pipeline.data.pcam import LABEL_SHAPE, PATCH_SHAPE, split_files
-from pcam_pipeline.repro import atomic_path
+from pcam_pipeline.repro import atomic_path, write_failed
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # Past a few threads a block scan is bound by memory bandwidth, not by CPU.
@@ -27,8 +28,142 @@ MAX_SCAN_THREADS = 4
 T = TypeVar("T")
 
 
+class FailSafeFile(io.RawIOBase):
+    """The file under an HDF5 file being written (h5py's `fileobj` driver): a write that fails
+    is recorded in `error`, never reported to HDF5.
+
+    HDF5 does not survive a failed write: its close then fails half way (a full disk fails the
+    flush of the last chunks) and leaves dataset handles that crash the process (a segmentation
+    fault) when Python frees them or HDF5 closes them at exit. Here the first failing write and
+    every later one are dropped, so HDF5 closes normally; the writer reports `error` and deletes
+    the file. For the training layout (chunked datasets that grow) the bytes are those HDF5's
+    own driver writes, checked over sizes, chunk shapes and compressions; for a contiguous
+    dataset written at once the two drivers lay the file out differently.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._position = 0
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_END:
+            offset += os.fstat(self._fd).st_size
+        elif whence == os.SEEK_CUR:
+            offset += self._position
+        self._position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(view):
+            count = os.preadv(self._fd, [view[got:]], self._position + got)
+            if count == 0:
+                break
+            got += count
+        # Past the end (where a write was dropped), zeros: what HDF5's own driver reads there.
+        view[got:] = bytes(len(view) - got)
+        self._position += len(view)
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self._fd).st_size - self._position)
+        buffer = bytearray(size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if self.error is None:
+            try:
+                while len(view):  # h5py ignores a short write (a disk filling up): finish it
+                    written = os.pwrite(self._fd, view, self._position)
+                    self._position += written
+                    view = view[written:]
+            except OSError as error:
+                self.error = error
+        self._position += len(view)
+        return size
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as error:
+                self.error = error
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write is a system call
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+class NewHDF5:
+    """A new HDF5 file written under a temporary name, renamed onto `final` when complete.
+
+    A write that fails (a full disk: ENOSPC) leaves HDF5 able to close (`FailSafeFile`); the
+    writer raises a PipelineError naming `final`, its file system and `fix` at the next
+    `check()` or on closing, and the temporary file is removed.
+    """
+
+    def __init__(self, final: Path, fix: str, *, temporary: Path | None = None) -> None:
+        """`temporary`: write there and leave the rename to the caller (which renames several
+        files together); messages still name `final`."""
+        self.final, self.fix = Path(final), fix
+        self._reported = False
+        self._stack = contextlib.ExitStack()
+        try:
+            path = temporary or self._stack.enter_context(atomic_path(self.final))
+            # Runs after HDF5 and the file are closed, before the rename: a failed write
+            # raises here, and the temporary file is removed instead of renamed.
+            self._stack.callback(self.check)
+            self._raw = self._stack.enter_context(contextlib.closing(FailSafeFile(path)))
+            self.file = self._stack.enter_context(h5py.File(self._raw, "w"))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def check(self) -> None:
+        """Raise if a write has failed so far (it names `final`, the file system and the fix);
+        once: closing after a failure raised by `check` does not raise it again."""
+        if self._raw.error is not None and not self._reported:
+            self._reported = True
+            raise write_failed(self.final, self._raw.error, self.fix) from None
+
+    def __enter__(self) -> NewHDF5:
+        return self
+
+    def __exit__(self, *exc_info: object) -> bool | None:
+        return self._stack.__exit__(*exc_info)
+
+
 def write_pcam_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray) -> None:
-    """Write one split as the two PCAM files (`x`: (N,96,96,3) uint8, `y`: (N,1,1,1) uint8)."""
+    """Write one split as the two PCAM files (`x`: (N,96,96,3) uint8, `y`: (N,1,1,1) uint8).
+
+    Through HDF5's own driver, not `NewHDF5`: for these contiguous datasets the two lay the
+    file out differently, and these bytes are pinned in dvc.lock (fetch checks free space
+    before it writes them)."""
     x_path, y_path = split_files(directory, split)
     with atomic_path(x_path) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset("x", data=x)
@@ -52,29 +187,53 @@ class ProcessedLayout:
             options["compression"] = self.compression
         return options
 
+    def max_file_bytes(self, patches: int) -> int:
+        """At most how large a file of `patches` patches is, uncompressed: whole chunks of x
+        (HDF5 stores a partial last chunk full size), y and index, and HDF5's metadata (1 MiB
+        covers it: 16 kB for 300 patches, 36 kB for 20,000 when measured)."""
+        chunks = -(-patches // self.chunk_patches)
+        row_bytes = int(np.prod(PATCH_SHAPE))
+        return chunks * self.chunk_patches * row_bytes + patches * (1 + 8) + HDF5_METADATA_BYTES
+
+
+HDF5_METADATA_BYTES = 1 << 20
+
 
 class ProcessedWriter:
     """Appends blocks of patches to a training-layout file, renamed into place on close.
 
     Layout: `x` (N,96,96,3) uint8 chunked by whole patches, `y` (N,) uint8 and `index` (N,) int64
-    (each patch's index in the source PCAM split, so a result can be traced to its input).
+    (each patch's index in the source PCAM split, so a result can be traced to its input). A
+    write that fails (a full disk) raises a PipelineError naming the file system and `fix`, and
+    nothing is left under `path` (`NewHDF5`).
     """
 
-    def __init__(self, path: Path, layout: ProcessedLayout) -> None:
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(path))
-        self._file = self._stack.enter_context(h5py.File(tmp, "w"))
-        self._x = self._file.create_dataset(
-            "x",
-            shape=(0, *PATCH_SHAPE),
-            maxshape=(None, *PATCH_SHAPE),
-            dtype="uint8",
-            **layout.dataset_options(),
-        )
-        self._y = self._file.create_dataset("y", shape=(0,), maxshape=(None,), dtype="uint8")
-        self._index = self._file.create_dataset(
-            "index", shape=(0,), maxshape=(None,), dtype="int64"
-        )
+    def __init__(
+        self,
+        path: Path,
+        layout: ProcessedLayout,
+        *,
+        temporary: Path | None = None,
+        fix: str = "free space there, then run `pcam preprocess` again",
+    ) -> None:
+        """`temporary`: write there, and leave renaming it onto `path` to the caller."""
+        self._out = NewHDF5(path, fix, temporary=temporary)
+        self._file = self._out.file
+        try:
+            self._x = self._file.create_dataset(
+                "x",
+                shape=(0, *PATCH_SHAPE),
+                maxshape=(None, *PATCH_SHAPE),
+                dtype="uint8",
+                **layout.dataset_options(),
+            )
+            self._y = self._file.create_dataset("y", shape=(0,), maxshape=(None,), dtype="uint8")
+            self._index = self._file.create_dataset(
+                "index", shape=(0,), maxshape=(None,), dtype="int64"
+            )
+        except BaseException as error:
+            self._out.__exit__(type(error), error, error.__traceback__)
+            raise
         self.count = 0
 
     def append(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
@@ -83,12 +242,13 @@ class ProcessedWriter:
             dataset.resize(stop, axis=0)
             dataset[start:stop] = values
         self.count = stop
+        self._out.check()  # a full disk stops the stage now, not after the whole split
 
     def __enter__(self) -> ProcessedWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> bool | None:
-        return self._stack.__exit__(*exc_info)
+        return self._out.__exit__(*exc_info)
 
 
 def read_processed(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +260,11 @@ def read_processed(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def processed_length(path: Path) -> int:
     with h5py.File(path, "r") as handle:
         return int(handle["y"].shape[0])
+
+
+def processed_labels(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as handle:
+        return handle["y"][...]
 
 
 class PatchBlocks:

@@ -36,6 +36,7 @@ import psutil
 import torch
 from torch import nn
 
+from pcam_pipeline import numerics
 from pcam_pipeline.data.hdf5 import PatchBlocks
 from pcam_pipeline.data.loader import DeviceBatches, Split, augment, normalise
 from pcam_pipeline.measure import (
@@ -52,7 +53,7 @@ from pcam_pipeline.models import build_model
 from pcam_pipeline.params import BenchmarkParams, Params
 from pcam_pipeline.paths import BENCHMARK_DIR, BENCHMARK_FILE
 from pcam_pipeline.repro import read_json, write_json
-from pcam_pipeline.runtime import data_dir, resolve_device
+from pcam_pipeline.runtime import cpu_numerics_record, data_dir, resolve_device
 
 log = logging.getLogger(__name__)
 LOADER_REPEATS = 5
@@ -431,16 +432,6 @@ def time_models(params: Params) -> dict[str, Any]:
 # Environment and output
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     env: dict[str, Any] = {
@@ -449,7 +440,8 @@ def environment() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "cpu_model": cpu_model(),
+        "cpu_model": numerics.cpu_identity()["model"],
+        "cpu_numerics": cpu_numerics_record(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),

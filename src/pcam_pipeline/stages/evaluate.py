@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pcam_pipeline.data.loader import DeviceBatches, Split
+from pcam_pipeline.errors import CheckpointError, PipelineError
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.metrics import auroc, choose_threshold, classification_report, majority_baseline
 from pcam_pipeline.params import EvaluateParams, Params
@@ -133,7 +134,14 @@ def main(params: Params) -> None:
     from dvclive import Live
 
     device = resolve_device(params.train.device)
-    model, mean, std, checkpoint = model_from_checkpoint(BEST_CHECKPOINT, device)
+    try:
+        model, mean, std, checkpoint = model_from_checkpoint(BEST_CHECKPOINT, device)
+    except CheckpointError as error:
+        # A DVC output: not moved aside (DVC restores it from its cache), only named.
+        raise PipelineError(
+            f"{BEST_CHECKPOINT}: {error.reason}. Fix: train again (`dvc repro train`) or "
+            f"restore it from the DVC cache (`dvc checkout {BEST_CHECKPOINT}`)"
+        ) from None
     bf16 = uses_bf16(params.train.bf16, device)
     directory = data_dir()
     splits = {

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
 
 from pcam_pipeline.data.download import download_pcam_file
-from pcam_pipeline.data.hdf5 import write_pcam_split
-from pcam_pipeline.data.pcam import SPLITS, all_file_names, checksums_from
+from pcam_pipeline.data.hdf5 import HDF5_METADATA_BYTES, write_pcam_split
+from pcam_pipeline.data.pcam import PATCH_SHAPE, SPLITS, all_file_names, checksums_from, split_files
 from pcam_pipeline.data.synthetic import generate_split
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import FetchParams, Params
 from pcam_pipeline.paths import PCAM_DIR, RAW_DIR
-from pcam_pipeline.repro import atomic_path, md5_file
+from pcam_pipeline.repro import (
+    atomic_path,
+    md5_file,
+    nearest_existing,
+    require_free_space,
+    write_failed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +30,44 @@ class SourceError(PipelineError):
     """The configured source does not hold the expected, verified PCAM files."""
 
 
+SPACE_FIX = "free space there, or point data/pcam at a larger file system (a symlink)"
+
+
+def replaced_bytes(target: Path) -> int:
+    """What renaming a new file onto `target` frees: its size, unless another hard link (the
+    source, the DVC cache) keeps the data."""
+    try:
+        status = target.stat()
+    except FileNotFoundError:
+        return 0
+    return status.st_size if status.st_nlink == 1 else 0
+
+
+def peak_bytes(writes: list[tuple[int, int]]) -> int:
+    """The most extra space a sequence of (bytes written, bytes freed once renamed into place)
+    file replacements holds at any moment: each new file is complete before its old one goes."""
+    peak = held = 0
+    for written, freed in writes:
+        held += written
+        peak = max(peak, held)
+        held -= freed
+    return peak
+
+
+def synthetic_writes(params: FetchParams, out_dir: Path) -> list[tuple[int, int]]:
+    """(at most the bytes written, the bytes freed) for each file `write_synthetic` writes."""
+    writes = []
+    for split in SPLITS:
+        patches = getattr(params.sizes, split)
+        x_path, y_path = split_files(out_dir, split)
+        x_bytes = patches * math.prod(PATCH_SHAPE)
+        writes.append((x_bytes + HDF5_METADATA_BYTES, replaced_bytes(x_path)))
+        writes.append((patches + HDF5_METADATA_BYTES, replaced_bytes(y_path)))
+    return writes
+
+
 def write_synthetic(params: FetchParams, out_dir: Path) -> None:
+    require_free_space(out_dir, peak_bytes(synthetic_writes(params, out_dir)), SPACE_FIX)
     for split in SPLITS:
         size = getattr(params.sizes, split)
         x, y = generate_split(params.seed, split, size, params.positive_fraction)
@@ -57,6 +101,18 @@ def verify_source_dir(source_dir: Path, h5_md5: dict[str, str]) -> list[Path]:
     return files
 
 
+def copied_bytes(sources: list[Path], target_dir: Path, link: str) -> int:
+    """The most extra space placing `sources` in `target_dir` takes: every file is copied, but
+    with link: hardlink those on the target's file system are only linked."""
+    device = os.stat(nearest_existing(target_dir)).st_dev
+    writes = []
+    for source in sources:
+        status = source.stat()
+        linked = link == "hardlink" and status.st_dev == device
+        writes.append((0 if linked else status.st_size, replaced_bytes(target_dir / source.name)))
+    return peak_bytes(writes)
+
+
 def place(source: Path, target: Path, link: str) -> None:
     """Hard-link (same file system) or copy `source` to `target`, atomically."""
     with atomic_path(target) as tmp:
@@ -66,7 +122,10 @@ def place(source: Path, target: Path, link: str) -> None:
                 return
             except OSError as exc:
                 log.info("cannot hard-link %s (%s); copying", source, exc)
-        shutil.copyfile(source, tmp)
+        try:
+            shutil.copyfile(source, tmp)
+        except OSError as exc:  # a disk filled by something else since the check
+            raise write_failed(target, exc, SPACE_FIX) from None
 
 
 def download(params: FetchParams, target_dir: Path = RAW_DIR) -> list[Path]:
@@ -87,6 +146,11 @@ def main(params: Params) -> None:
         write_synthetic(fetch, PCAM_DIR)
         return
     h5_md5, _ = checksums_from(fetch.checksums)
-    for source in verify_source_dir(Path(fetch.input), h5_md5):
+    sources = verify_source_dir(Path(fetch.input), h5_md5)
+    fix = SPACE_FIX
+    if fetch.link == "copy":
+        fix += ", or set fetch.link: hardlink with data/pcam on the file system of fetch.input"
+    require_free_space(PCAM_DIR, copied_bytes(sources, PCAM_DIR, fetch.link), fix)
+    for source in sources:
         place(source, PCAM_DIR / source.name, fetch.link)
     log.info("fetch: %d files from %s (%s)", len(all_file_names()), fetch.input, fetch.source)

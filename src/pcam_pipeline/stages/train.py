@@ -26,9 +26,10 @@ import yaml
 from torch import nn
 
 from pcam_pipeline import distributed
+from pcam_pipeline.data.hdf5 import processed_labels
 from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.distributed import SINGLE, World
-from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.errors import DamagedCheckpoint, PipelineError, RefusedCheckpoint
 from pcam_pipeline.inference import predict_split
 from pcam_pipeline.metrics import auroc
 from pcam_pipeline.params import Params
@@ -37,6 +38,7 @@ from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from pcam_pipeline.repro import (
     load_checkpoint,
     md5_file,
+    move_aside,
     package_versions,
     read_json,
     run_record,
@@ -44,12 +46,11 @@ from pcam_pipeline.repro import (
     seed_everything,
     write_json,
 )
-from pcam_pipeline.runtime import data_dir, resolve_device, uses_bf16
+from pcam_pipeline.runtime import cpu_numerics_record, data_dir, resolve_device, uses_bf16
 from pcam_pipeline.training import SUM_KEYS, Loop, RunningSums
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
-STOP_CHECK_STEPS = 25  # CUDA workers agree on stopping every this many steps
 STOP_CHECK_STEPS = 25  # CUDA workers agree on stopping every this many steps
 
 
@@ -154,11 +155,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointSetAside(PipelineError):
+    """models/last.pt could not be loaded; it was moved aside (kept), so the next run starts
+    afresh instead of failing the same way forever."""
+
+
+def set_aside(path: Path, error: DamagedCheckpoint | RefusedCheckpoint) -> CheckpointSetAside:
+    """Move the unloadable checkpoint `path` aside, under a name that says why; the error to
+    raise."""
+    if isinstance(error, RefusedCheckpoint):
+        moved, what = move_aside(path, "refused"), f"{path}: {error.reason}"
+    else:
+        moved, what = move_aside(path, "damaged"), f"{path} was damaged ({error.reason})"
+    log.warning("%s; moved it to %s (kept: inspect or delete it)", what, moved)
+    return CheckpointSetAside(
+        f"{what}; moved to {moved}; run the stage again (`dvc repro`) to train afresh"
+    )
+
+
 def try_resume(path: Path, expected: str) -> dict[str, Any] | None:
-    """The checkpoint in `path` if it is an unfinished run of these params on this data."""
+    """The checkpoint in `path` if it is an unfinished run of these params on this data.
+
+    One that cannot be loaded (cut short by an interrupted copy, or refused: it holds objects
+    other than tensors and plain data) would fail every later run: it is moved aside and the
+    stage fails saying so (CheckpointSetAside).
+    """
     if not path.exists():
         return None
-    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except (DamagedCheckpoint, RefusedCheckpoint) as error:
+        raise set_aside(path, error) from None
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         log.info(
             "%s has checkpoint format %s, this code writes %s: starting afresh",
@@ -174,6 +201,79 @@ def try_resume(path: Path, expected: str) -> dict[str, Any] | None:
         log.info("%s is a finished run: starting afresh", path)
         return None
     return checkpoint
+
+
+def resume_point(path: Path, expected: str, world: World) -> dict[str, Any] | None:
+    """`try_resume` for every worker: worker 0 judges the file (moving a damaged one aside) and
+    the others follow its verdict, so none races it to the file and none is left waiting in a
+    collective for a worker that failed."""
+    if not world.distributed:
+        return try_resume(path, expected)
+    checkpoint, verdict = None, "afresh"
+    if world.is_main:
+        try:
+            checkpoint = try_resume(path, expected)
+        except CheckpointSetAside as error:
+            verdict = str(error)
+        else:
+            verdict = "afresh" if checkpoint is None else "resume"
+    verdict = distributed.broadcast(verdict)
+    if verdict not in ("afresh", "resume"):
+        raise CheckpointSetAside(verdict)
+    if verdict == "afresh":
+        return None
+    return checkpoint if world.is_main else load_checkpoint(path)
+
+
+PREPROCESS_FIX = (
+    "check the source split, then re-run preprocess (`dvc repro preprocess`); "
+    "reports/preprocess.json lists what it dropped"
+)
+
+
+def check_inputs(directory: Path, select_metric: str) -> None:
+    """Fail before the first epoch on splits no training can use: an empty train or validation
+    split, or, selecting by val_auroc, a validation split of one class (its AUROC is undefined,
+    so every epoch would run and none could be kept as best)."""
+    labels = {}
+    for split in ("train", "valid"):
+        path = directory / f"{split}.h5"
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing. Fix: run `dvc repro preprocess` to write it")
+        try:
+            labels[split] = processed_labels(path)
+        except (OSError, KeyError) as exc:
+            raise PipelineError(
+                f"{path}: cannot be read ({exc}). Fix: re-run preprocess (`dvc repro preprocess`)"
+            ) from None
+        if not len(labels[split]):
+            role = "nothing to train on" if split == "train" else "no epoch can be scored"
+            raise PipelineError(
+                f"{path}: the {split} split is empty (0 patches): {role}. Fix: {PREPROCESS_FIX}"
+            )
+    classes = np.unique(labels["valid"]).tolist()
+    if select_metric == "val_auroc" and len(classes) < 2:
+        raise PipelineError(
+            f"{directory / 'valid.h5'}: the validation split holds one class only (all "
+            f"{len(labels['valid'])} labels are {classes[0]}): val_auroc (train.select_metric) "
+            "is undefined in every epoch, so no epoch could be kept as best. Fix: set "
+            f"train.select_metric: val_loss, or {PREPROCESS_FIX}"
+        )
+
+
+def no_best_epoch(metric: str, history: list[dict[str, float]]) -> PipelineError:
+    """Why no epoch was kept as best: `metric` was NaN in every one (is_better never takes NaN)."""
+    diverged = [int(row["epoch"]) for row in history if not math.isfinite(row["train_loss"])]
+    if diverged:
+        cause = f"training diverged: train_loss was not finite from epoch {diverged[0]} on"
+        fix = "lower train.lr, or clip the gradients (train.grad_clip, e.g. 1.0)"
+    else:
+        cause = "the model scored the validation split as NaN"
+        fix = f"check {data_dir()} (`dvc repro validate preprocess`), then train again"
+    return PipelineError(
+        f"no epoch improved {metric}: it was NaN in all {len(history)} epochs ({cause}), so "
+        f"nothing was saved as {BEST_CHECKPOINT}. Fix: {fix}"
+    )
 
 
 class Trainer:
@@ -200,15 +300,10 @@ class Trainer:
         data_md5 = {
             name: md5_file(directory / name) for name in ("stats.json", "train.h5", "valid.h5")
         }
-        # What the weights depend on besides params and data. Bit-identity holds for the same
-        # device and CPU thread count, so both are recorded. Where and when the run happened
-        # (commit, host, time) is no part of the weights: it goes to the provenance record.
-        self.provenance = {
-            "data_md5": data_md5,
-            "versions": package_versions(),
-            "device": str(self.device),
-            "torch_threads": torch.get_num_threads(),
-        }
+        # What the weights depend on besides params (cpu.numerics among them) and data: the
+        # device. The library builds, the thread count, the CPU and where and when the run
+        # happened are no part of the checkpoint's bytes: they go to the provenance record.
+        self.provenance = {"data_md5": data_md5, "device": str(self.device)}
         self.order = split_order(self.train_split)
         if world.distributed:
             self.provenance["workers"] = world.size
@@ -370,9 +465,15 @@ def save_with_record(path: Path, checkpoint: dict[str, Any]) -> None:
     job that made it, with the checkpoint's md5. The record is not a DVC output, so where and
     when a run happened never changes the hashes in dvc.lock."""
     save_checkpoint(path, checkpoint)
-    write_json(
-        provenance_path(path), {"checkpoint": path.name, "md5": md5_file(path), **run_record()}
-    )
+    record = {
+        "checkpoint": path.name,
+        "md5": md5_file(path),
+        **run_record(),
+        "device": checkpoint["provenance"]["device"],
+        "versions": package_versions(),
+        "cpu": cpu_numerics_record(),
+    }
+    write_json(provenance_path(path), record)
 
 
 def provenance_path(checkpoint: Path) -> Path:
@@ -395,8 +496,9 @@ def fit(
 ) -> Trainer:
     """Train to the last epoch, resuming from models/last.pt when it is an unfinished run of
     these params on this data; `log_row` gets every epoch's row (replayed ones first)."""
+    check_inputs(data_dir(), params.train.select_metric)
     trainer = Trainer(params, world)
-    resumed = try_resume(LAST_CHECKPOINT, trainer.fingerprint)
+    resumed = resume_point(LAST_CHECKPOINT, trainer.fingerprint, world)
     if resumed is not None:
         trainer.restore(resumed)
     log.info(
@@ -428,7 +530,7 @@ def fit(
             ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"),
         )
     if trainer.progress.best_epoch is None:
-        raise RuntimeError(f"no epoch improved {params.train.select_metric}; nothing saved as best")
+        raise no_best_epoch(params.train.select_metric, trainer.progress.history)
     return trainer
 
 

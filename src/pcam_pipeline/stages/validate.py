@@ -667,11 +667,11 @@ def validate_dir(directory: Path, params: ValidateParams) -> dict[str, Any]:
 def main(params: Params) -> None:
     report = validate_dir(PCAM_DIR, params.validate_)
     write_json(VALIDATE_REPORT, report)
-    lines = [Problem(**p).line() for p in report["problems"]]
-    for line in lines:
-        log.warning(line)
+    problems = [Problem(**p) for p in report["problems"]]
+    for problem in problems:
+        log.log(logging.ERROR if problem.severity == "error" else logging.WARNING, problem.line())
     if not report["ok"]:
-        fatal = [line for line in lines if line.startswith("ERROR")]
+        fatal = [problem.line() for problem in problems if problem.severity == "error"]
         raise ValidationFailed(
             f"{len(fatal)} fatal problem(s) in {PCAM_DIR} (details in {VALIDATE_REPORT}):\n"
             + "\n".join(fatal)
