@@ -121,8 +121,8 @@ def compare(
                 problems.append(f"{name}: its dvc.lock entry differs from the committed one")
         elif inputs(ours[name], produced) != inputs(theirs[name], produced):
             problems.append(f"{name}: its inputs (code, params or data) differ from the committed")
-    exact = sorted(set(ours) - trained)
-    notes.append(f"identical: {', '.join(exact)}")
+    exact = sorted(name for name in set(ours) - trained if ours[name] == theirs[name])
+    notes.append(f"identical: {', '.join(exact) or 'none'}")
     if trained:
         notes.append(f"inputs identical, outputs from other weights: {', '.join(sorted(trained))}")
         for path, (mine, reference) in metrics.items():

@@ -150,3 +150,4 @@ def test_under_the_tolerance_rule_metrics_data_and_inputs_must_still_match(repo)
     assert result.returncode == 1
     assert "DIFFERS: preprocess: its dvc.lock entry differs" in result.stderr
     assert "DIFFERS: train: its inputs (code, params or data) differ" in result.stderr
+    assert "identical: benchmark\n" in result.stdout  # not the preprocess that differs
