@@ -281,8 +281,8 @@ def test_preprocess_refuses_to_start_on_a_disk_too_small(project, small_disk):
 # fills it after the check.
 WITHOUT_SPACE_CHECK = [
     "-c",
-    "import sys; from pcam_pipeline import cli; from pcam_pipeline.stages import preprocess; "
-    "preprocess.check_free_space = lambda *args: None; sys.exit(cli.main(sys.argv[1:]))",
+    "import sys; from pcam_pipeline import cli; from pcam_pipeline.data import prepare; "
+    "prepare.check_free_space = lambda *args: None; sys.exit(cli.main(sys.argv[1:]))",
 ]
 
 

@@ -3,6 +3,7 @@ stage depends on exactly the project code it runs."""
 
 import ast
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,28 @@ def module_path(name: str) -> Path | None:
     return None
 
 
+def running_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of `tree` but those under `if TYPE_CHECKING:`: imports for type hints only,
+    which never run."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith(
+            "TYPE_CHECKING"
+        ):
+            todo += node.orelse
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
 def imported_modules(path: Path, name: str, top_level_only: bool) -> set[str]:
-    """Project modules that the file at `path` imports (every `import` in it, or only its
-    module-level ones), with the packages each import executes on the way."""
+    """Project modules that the file at `path` runs an import of (anywhere in it, or only at
+    module level), with the packages each import executes on the way."""
     tree = ast.parse(path.read_text(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = tree.body if top_level_only else list(running_nodes(tree))
     found: set[str] = set()
     for node in nodes:
         if isinstance(node, ast.Import):

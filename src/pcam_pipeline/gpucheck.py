@@ -29,12 +29,13 @@ from typing import Any
 import torch
 
 from pcam_pipeline.data.loader import DeviceBatches, Split
-from pcam_pipeline.data.pcam import SPLITS
+from pcam_pipeline.data.prepare import write_processed
+from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.distributed import free_port
 from pcam_pipeline.measure import PCAM_TRAIN_PATCHES, time_training_loop
 from pcam_pipeline.params import Params, TrainParams, load_params
 from pcam_pipeline.paths import PARAMS_FILE
-from pcam_pipeline.repro import read_json, seed_everything, write_json
+from pcam_pipeline.repro import seed_everything, write_json
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ def gpu_environment() -> dict[str, Any]:
 def prepare_data(params: Params, root: Path, patches: int) -> dict[str, Any]:
     """PCAM-format files, validated and preprocessed as the stages do; their timings."""
     from pcam_pipeline.perf import write_full_pcam
-    from pcam_pipeline.stages.preprocess import STATS_FILE, ChannelStats, process_split
     from pcam_pipeline.stages.validate import validate_dir
 
     pcam_dir, processed = root / "pcam", root / "processed"
@@ -94,18 +94,7 @@ def prepare_data(params: Params, root: Path, patches: int) -> dict[str, Any]:
     result["validate_s"] = time.perf_counter() - start
     result["validate_ok"] = report["ok"]
     start = time.perf_counter()
-    processed.mkdir(parents=True, exist_ok=True)
-    stats = ChannelStats()
-    for split in SPLITS:
-        process_split(
-            pcam_dir,
-            split,
-            processed / f"{split}.h5",
-            params.preprocess,
-            params.validate_,
-            stats if split == "train" else None,
-        )
-    write_json(processed / STATS_FILE, {"from": "train", "pixels": stats.count, **stats.result()})
+    write_processed(ProcessedData(processed), pcam_dir, params.preprocess, params.validate_)
     result["preprocess_s"] = time.perf_counter() - start
     shutil.rmtree(pcam_dir)
     return result
@@ -134,10 +123,9 @@ def time_loops(
     ddp_too: bool = True,
 ) -> None:
     device = torch.device("cuda")
-    split = Split.open(processed / "train.h5", params.loader)
-    stats = read_json(processed / "stats.json")
-    mean = torch.tensor(stats["mean"], device=device)
-    std = torch.tensor(stats["std"], device=device)
+    dataset = ProcessedData(processed)
+    split = Split.open(dataset.split_path("train"), params.loader)
+    mean, std = dataset.normalisation(device)
     start = time.perf_counter()
     feeder = DeviceBatches(split, device, params.loader)
     torch.cuda.synchronize()

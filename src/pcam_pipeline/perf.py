@@ -35,6 +35,7 @@ import numpy as np
 
 from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, ProcessedWriter, blocks
 from pcam_pipeline.data.pcam import LABEL_SHAPE, PATCH_SHAPE, SPLITS, split_files
+from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.measure import loader_epoch, median, peak_rss_mb
 from pcam_pipeline.params import Params, load_params, parse_params
@@ -112,27 +113,16 @@ def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         extra = {"ok": report["ok"], "errors": report["errors"], "warnings": report["warnings"]}
     elif kind == "preprocess":
-        from pcam_pipeline.stages.preprocess import ChannelStats, process_split
+        from pcam_pipeline.data.prepare import write_processed
 
         baseline = psutil.Process().memory_info().rss
         start = time.perf_counter()
-        stats = ChannelStats()
-        out = Path(spec["out_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        n_out = 0
-        for split in SPLITS:
-            record = process_split(
-                Path(spec["pcam_dir"]),
-                split,
-                out / f"{split}.h5",
-                params.preprocess,
-                params.validate_,
-                stats if split == "train" else None,
-            )
-            n_out += record["n_out"]
-        stats.result()
+        dataset = ProcessedData(Path(spec["out_dir"]))
+        report = write_processed(
+            dataset, Path(spec["pcam_dir"]), params.preprocess, params.validate_
+        )
         seconds = time.perf_counter() - start
-        extra = {"n_out": n_out}
+        extra = {"n_out": sum(split["n_out"] for split in report.values())}
     elif kind == "loader":
         from pcam_pipeline.data.loader import Split
 
@@ -309,7 +299,7 @@ def full_size(
         result["raw_copy_runs_img_s"] = [n / seconds for seconds in copy]
         result["raw_copy_img_s"] = n / min(copy)
         preprocess["fraction_of_raw_copy"] = preprocess["img_s"] / result["raw_copy_img_s"]
-        processed_train = out_dir / "train.h5"
+        processed_train = ProcessedData(out_dir).split_path("train")
         log.info("full-size benchmark: streaming loader")
         # Interleaved with the raw read of the same file, so both see the same page cache.
         raw_rates, runs = [], []
@@ -356,7 +346,7 @@ def full_size(
 
 def layout_source(patches: int) -> np.ndarray:
     """Up to 2048 distinct patches: the processed train split if present, else synthetic."""
-    train = PROCESSED_DIR / "train.h5"
+    train = ProcessedData(PROCESSED_DIR).split_path("train")
     if train.exists():
         with h5py.File(train, "r") as handle:
             return handle["x"][: min(patches, 2048)]

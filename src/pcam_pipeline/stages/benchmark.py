@@ -52,8 +52,8 @@ from pcam_pipeline.measure import (
 from pcam_pipeline.models import build_model
 from pcam_pipeline.params import BenchmarkParams, Params
 from pcam_pipeline.paths import BENCHMARK_DIR, BENCHMARK_FILE
-from pcam_pipeline.repro import read_json, write_json
-from pcam_pipeline.runtime import cpu_numerics_record, data_dir, resolve_device
+from pcam_pipeline.repro import write_json
+from pcam_pipeline.runtime import cpu_numerics_record, processed_data, resolve_device
 
 log = logging.getLogger(__name__)
 LOADER_REPEATS = 5
@@ -379,11 +379,9 @@ def time_loops(params: Params) -> dict[str, Any]:
     `measure.time_training_loop`. On the CPU train never uses bf16, so only fp32 is timed."""
     bp = params.benchmark
     device = resolve_device(params.train.device)
-    directory = data_dir()
-    split = Split.open(directory / "train.h5", params.loader)
-    stats = read_json(directory / "stats.json")
-    mean = torch.tensor(stats["mean"], device=device)
-    std = torch.tensor(stats["std"], device=device)
+    dataset = processed_data()
+    split = Split.open(dataset.split_path("train"), params.loader)
+    mean, std = dataset.normalisation(device)
     feeder = DeviceBatches(split, device, params.loader)
     precisions = bp.precisions if device.type == "cuda" else ["fp32"]
     rows = []
@@ -473,7 +471,7 @@ def headline_series(params: Params) -> str:
 def run(params: Params) -> dict[str, Any]:
     started = time.perf_counter()
     results: dict[str, Any] = {"environment": environment()}
-    loader = time_loader_designs(data_dir() / "train.h5", params)
+    loader = time_loader_designs(processed_data().split_path("train"), params)
     results["loader"] = loader
     loader_done = time.perf_counter()
     results["models"] = time_models(params)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pcam_pipeline.data.loader import DeviceBatches, Split
+from pcam_pipeline.data.pcam import SPLITS
 from pcam_pipeline.errors import CheckpointError, PipelineError
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.metrics import auroc, choose_threshold, classification_report, majority_baseline
@@ -26,7 +27,7 @@ from pcam_pipeline.paths import (
     SLICES_FILE,
 )
 from pcam_pipeline.repro import atomic_path, write_json
-from pcam_pipeline.runtime import data_dir, resolve_device, uses_bf16
+from pcam_pipeline.runtime import processed_data, resolve_device, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +144,8 @@ def main(params: Params) -> None:
             f"restore it from the DVC cache (`dvc checkout {BEST_CHECKPOINT}`)"
         ) from None
     bf16 = uses_bf16(params.train.bf16, device)
-    directory = data_dir()
-    splits = {
-        name: Split.open(directory / f"{name}.h5", params.loader)
-        for name in ("train", "valid", "test")
-    }
+    dataset = processed_data()
+    splits = {name: Split.open(dataset.split_path(name), params.loader) for name in SPLITS}
     probs = {
         name: predict_split(
             model,
