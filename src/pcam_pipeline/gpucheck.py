@@ -84,8 +84,8 @@ def gpu_environment() -> dict[str, Any]:
 
 def prepare_data(params: Params, root: Path, patches: int) -> dict[str, Any]:
     """PCAM-format files, validated and preprocessed as the stages do; their timings."""
+    from pcam_pipeline.data.validation import validate_dir
     from pcam_pipeline.perf import write_full_pcam
-    from pcam_pipeline.stages.validate import validate_dir
 
     pcam_dir, processed = root / "pcam", root / "processed"
     result = write_full_pcam(pcam_dir, params, patches)

@@ -105,7 +105,7 @@ def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     params = parse_params(spec["params"], "perf child")
     if kind == "validate":
-        from pcam_pipeline.stages.validate import validate_dir
+        from pcam_pipeline.data.validation import validate_dir
 
         baseline = psutil.Process().memory_info().rss
         start = time.perf_counter()
