@@ -131,9 +131,19 @@ def evaluate(
     }
 
 
-def main(params: Params) -> None:
+def log_plots(labels: np.ndarray, probs: np.ndarray, threshold: float, bins: int) -> None:
+    """The test split's ROC, precision-recall, confusion and calibration plots, via dvclive."""
     from dvclive import Live
 
+    predicted = (probs >= threshold).astype(int)
+    with Live(str(EVALUATE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        live.log_sklearn_plot("roc", labels, probs, name="roc.json")
+        live.log_sklearn_plot("precision_recall", labels, probs, name="pr.json")
+        live.log_sklearn_plot("confusion_matrix", labels, predicted, name="confusion.json")
+        live.log_sklearn_plot("calibration", labels, probs, name="calibration.json", n_bins=bins)
+
+
+def main(params: Params) -> None:
     device = resolve_device(params.train.device)
     try:
         model, mean, std, checkpoint = model_from_checkpoint(BEST_CHECKPOINT, device)
@@ -178,18 +188,7 @@ def main(params: Params) -> None:
     write_json(SLICES_FILE, slices)
     write_json(METRICS_FILE, report)
 
-    predicted = (probs["test"] >= threshold).astype(int)
-    with Live(str(EVALUATE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        live.log_sklearn_plot("roc", labels["test"], probs["test"], name="roc.json")
-        live.log_sklearn_plot("precision_recall", labels["test"], probs["test"], name="pr.json")
-        live.log_sklearn_plot("confusion_matrix", labels["test"], predicted, name="confusion.json")
-        live.log_sklearn_plot(
-            "calibration",
-            labels["test"],
-            probs["test"],
-            name="calibration.json",
-            n_bins=params.evaluate.calibration_bins,
-        )
+    log_plots(labels["test"], probs["test"], threshold, params.evaluate.calibration_bins)
     indices = confident_errors(
         labels["test"], probs["test"], threshold, params.evaluate.n_error_examples
     )
