@@ -15,7 +15,6 @@ Part = Literal["x", "y"]
 PATCH_SHAPE = (96, 96, 3)
 PATCH_BYTES = math.prod(PATCH_SHAPE)  # one uint8 patch
 LABEL_SHAPE = (1, 1, 1)
-ZENODO_RECORD_URL = "https://zenodo.org/records/2546921/files"
 
 
 def blank_mask(x: np.ndarray, black_level: int, white_level: int) -> np.ndarray:
