@@ -65,6 +65,38 @@ def test_data_dvc_pins_the_published_md5s():
     assert out["nfiles"] == len(PUBLISHED_H5_MD5) == 6
 
 
+def code_strings(path: Path) -> set[str]:
+    """The string literals of a module's code (not its docstrings); an f-string with `{}` for
+    each field: f"{split}.h5" gives "{}.h5"."""
+    tree = ast.parse(path.read_text())
+    not_literals = {  # docstrings
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) not in not_literals:
+                found.add(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            parts = node.values
+            found.add("".join(str(p.value) if isinstance(p, ast.Constant) else "{}" for p in parts))
+            not_literals.update(id(part) for part in parts)  # parts of the f-string above
+    return found
+
+
+def test_the_processed_file_names_are_written_once():
+    """data/processed's files are named in data/processed.py alone; everyone else asks it."""
+    names = {"stats.json", "train.h5", "valid.h5", "test.h5", "{}.h5"}
+    naming = {
+        str(path.relative_to(REPO_ROOT))
+        for path in (SOURCE_ROOT / PACKAGE).rglob("*.py")
+        if names & code_strings(path)
+    }
+    assert naming == {"src/pcam_pipeline/data/processed.py"}
+
+
 # --- each stage depends on exactly the project code it runs ------------------------------------
 
 PACKAGE = "pcam_pipeline"
