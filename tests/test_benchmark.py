@@ -118,8 +118,9 @@ def check_loop_rows(loop: dict[str, Any]) -> None:
         assert row["end_to_end_img_s"] == approx(seen / row["end_to_end_s"])
         assert row["resident_img_s"] == approx(steps * batch_size / row["resident_s"])
         assert row["fed_fraction"] == approx(row["end_to_end_img_s"] / row["resident_img_s"])
-        # The loop runs the resident step plus the loader: not 10x faster, nor 10x slower.
-        assert 0.1 < row["fed_fraction"] < 2, row
+        # The resident step plus the loader: near the step's own speed, on a busy machine within
+        # a few times of it; a rate off by the batch size (8) falls outside.
+        assert 0.2 < row["fed_fraction"] < 5, row
         assert row["pcam_epoch_s"] == approx(PCAM_TRAIN_PATCHES / row["end_to_end_img_s"])
 
 
