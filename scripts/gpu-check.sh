@@ -16,6 +16,6 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 baseline=()
 [[ -n "${PCAM_BASELINE:-}" ]] && baseline=(--baseline "$PCAM_BASELINE")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/nvidia-smi.txt"
-python3 -m pcam_pipeline.gpucheck --out "$out/gpu-check.json" "${baseline[@]}" \
+python3 -m pcam_pipeline.bench.gpucheck --out "$out/gpu-check.json" "${baseline[@]}" \
   ${PCAM_GPU_CHECK_ARGS:-} | tee "$out/gpu-check.txt"
 python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pcam_pipeline.params import Params, parse_params
+from tests.pcam_files import make_pcam_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +54,9 @@ def in_tmp_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run stages with relative paths inside an empty directory."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def pcam(tmp_path: Path) -> Path:
+    """A small PCAM-format data/pcam (64/32/32 synthetic patches) under tmp_path."""
+    return make_pcam_dir(tmp_path / "data" / "pcam")

@@ -74,3 +74,27 @@ def write_corrupt_chunk(
         damaged = bytes(255 - byte for byte in handle.read(length))
         handle.seek(start)
         handle.write(damaged)
+
+
+# Planting bad data in one split's files, and finding what validate made of it.
+
+
+def set_x(pcam: Path, split: str, change) -> None:
+    x, _ = read(pcam, split)
+    rewrite(pcam, split, "x", "x", change(x))
+
+
+def set_y(pcam: Path, split: str, change) -> None:
+    _, y = read(pcam, split)
+    rewrite(pcam, split, "y", "y", change(y))
+
+
+def with_value(array: np.ndarray, dtype, index: tuple, value) -> np.ndarray:
+    changed = array.astype(dtype)
+    changed[index] = value
+    return changed
+
+
+def problems(report: dict, check: str) -> list[dict]:
+    """The problems of one check in a validate report."""
+    return [p for p in report["problems"] if p["check"] == check]

@@ -154,19 +154,21 @@ def test_compiled_step_trains_and_twins_agree(tiny_data, tmp_path, mode):
 
 
 def test_out_of_memory_at_a_batch_size_is_a_result():
-    from pcam_pipeline.models import build_model
-    from pcam_pipeline.stages import benchmark
+    from pcam_pipeline.bench.throughput import time_model
+    from pcam_pipeline.data.pcam import PATCH_BYTES
+    from pcam_pipeline.training import prepare_model
 
     params = small_run_params()
     device = torch.device("cuda")
-    model = build_model(params.train).to(device)
+    train = params.train.model_copy(update={"bf16": True})
+    model = prepare_model(train, device)
     free, _ = torch.cuda.mem_get_info()
-    huge = int(free // (96 * 96 * 3)) * 2  # the uint8 batch alone is twice the free memory
-    row = benchmark.time_model(model, device, "bf16", huge, params.benchmark)
+    huge = int(free // PATCH_BYTES) * 2  # the uint8 batch alone is twice the free memory
+    row = time_model(model, train.model_copy(update={"batch_size": huge}), params.benchmark, device)
     assert row.get("oom") == 1, row
     assert "out of memory" in row["error"]
-    small = benchmark.time_model(model, device, "bf16", 64, params.benchmark)
-    assert small["train_img_s"] > 0, "the GPU is usable again after the OOM"
+    small = time_model(model, train.model_copy(update={"batch_size": 64}), params.benchmark, device)
+    assert small["train_img_s"] > 0 and small["precision"] == "bf16", "usable again after the OOM"
 
 
 def test_ddp_on_one_gpu_trains_exactly_as_the_plain_loop(tiny_data, tmp_path):

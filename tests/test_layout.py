@@ -3,6 +3,7 @@ stage depends on exactly the project code it runs."""
 
 import ast
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,27 +65,79 @@ def test_data_dvc_pins_the_published_md5s():
     assert out["nfiles"] == len(PUBLISHED_H5_MD5) == 6
 
 
+def code_strings(path: Path) -> set[str]:
+    """The string literals of a module's code (not its docstrings); an f-string with `{}` for
+    each field: f"{split}.h5" gives "{}.h5"."""
+    tree = ast.parse(path.read_text())
+    not_literals = {  # docstrings
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) not in not_literals:
+                found.add(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            parts = node.values
+            found.add("".join(str(p.value) if isinstance(p, ast.Constant) else "{}" for p in parts))
+            not_literals.update(id(part) for part in parts)  # parts of the f-string above
+    return found
+
+
+def test_the_processed_file_names_are_written_once():
+    """data/processed's files are named in data/processed.py alone; everyone else asks it."""
+    names = {"stats.json", "train.h5", "valid.h5", "test.h5", "{}.h5"}
+    naming = {
+        str(path.relative_to(REPO_ROOT))
+        for path in (SOURCE_ROOT / PACKAGE).rglob("*.py")
+        if names & code_strings(path)
+    }
+    assert naming == {"src/pcam_pipeline/data/processed.py"}
+
+
 # --- each stage depends on exactly the project code it runs ------------------------------------
 
 PACKAGE = "pcam_pipeline"
 SOURCE_ROOT = REPO_ROOT / "src"
+STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "benchmark")
 
 
-def module_path(name: str) -> Path | None:
-    """The file of a project module or package (`pcam_pipeline.data.loader`), or None."""
-    base = SOURCE_ROOT.joinpath(*name.split("."))
+def module_path(name: str, root: Path = SOURCE_ROOT) -> Path | None:
+    """The file of a project module or package (`pcam_pipeline.data.loader`) under `root`, or
+    None."""
+    base = root.joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
     return None
 
 
-def imported_modules(path: Path, name: str, top_level_only: bool) -> set[str]:
-    """Project modules that the file at `path` imports (every `import` in it, or only its
-    module-level ones), with the packages each import executes on the way."""
+def running_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of `tree` but those under `if TYPE_CHECKING:`: imports for type hints only,
+    which never run."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith(
+            "TYPE_CHECKING"
+        ):
+            todo += node.orelse
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
+def imported_modules(
+    path: Path, name: str, top_level_only: bool, root: Path = SOURCE_ROOT
+) -> set[str]:
+    """Project modules that the file at `path` runs an import of (anywhere in it, or only at
+    module level), with the packages each import executes on the way."""
     tree = ast.parse(path.read_text(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = tree.body if top_level_only else list(running_nodes(tree))
     found: set[str] = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -99,20 +152,21 @@ def imported_modules(path: Path, name: str, top_level_only: bool) -> set[str]:
         else:
             continue
         for target in targets:
-            if target.split(".")[0] != PACKAGE or module_path(target) is None:
+            if target.split(".")[0] != PACKAGE or module_path(target, root) is None:
                 continue
             parts = target.split(".")
             found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return found
 
 
-def stage_closure(stage: str) -> set[str]:
-    """Every project file `pcam <stage>` can run: the CLI's module-level imports (its other
-    imports serve other commands), then the stage module and, transitively, everything it and
-    what it imports import, at module level or inside functions."""
+def stage_closure(stage: str, root: Path = SOURCE_ROOT) -> set[str]:
+    """Every project file `pcam <stage>` can run, relative to the repository (`root`'s parent):
+    the CLI's module-level imports (its other imports serve other commands), then the stage
+    module and, transitively, everything it and what it imports import, at module level or
+    inside functions."""
     cli = f"{PACKAGE}.cli"
-    start = {cli, *imported_modules(module_path(cli), cli, top_level_only=True)}
-    start |= {PACKAGE, f"{PACKAGE}.stages", f"{PACKAGE}.stages.{stage}"}
+    cli_imports = imported_modules(module_path(cli, root), cli, top_level_only=True, root=root)
+    start = {cli, *cli_imports, PACKAGE, f"{PACKAGE}.stages", f"{PACKAGE}.stages.{stage}"}
     seen: set[str] = set()
     todo = sorted(start)
     while todo:
@@ -121,8 +175,18 @@ def stage_closure(stage: str) -> set[str]:
             continue
         seen.add(name)
         if name != cli:
-            todo += imported_modules(module_path(name), name, top_level_only=False) - seen
-    return {str(module_path(name).relative_to(REPO_ROOT)) for name in seen}
+            todo += imported_modules(module_path(name, root), name, False, root) - seen
+    return {str(module_path(name, root).relative_to(root.parent)) for name in seen}
+
+
+def other_stages(stage: str, root: Path = SOURCE_ROOT) -> set[str]:
+    """The stage modules besides its own that `pcam <stage>` runs, through any chain."""
+    own = {f"src/{PACKAGE}/stages/{stage}.py", f"src/{PACKAGE}/stages/__init__.py"}
+    return {
+        path
+        for path in stage_closure(stage, root) - own
+        if path.startswith(f"src/{PACKAGE}/stages/")
+    }
 
 
 def dependency_drift(stages: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
@@ -165,22 +229,73 @@ def test_the_closure_check_catches_a_removed_dep_and_an_extra_one():
     assert set(drift) == {"preprocess", "evaluate"}
 
 
-def test_the_closure_follows_imports_inside_functions_and_packages():
-    benchmark = stage_closure("benchmark")
-    # benchmark.full runs perf, which runs the validate and preprocess code on a full-size split
-    assert "src/pcam_pipeline/perf.py" in benchmark
-    assert "src/pcam_pipeline/stages/validate.py" in benchmark
-    assert "src/pcam_pipeline/data/__init__.py" in benchmark
-    # the CLI's other commands are not part of a stage
+def test_no_stage_runs_another_through_any_chain():
+    for stage in STAGES:
+        others = other_stages(stage)
+        assert not others, f"pcam {stage} runs {sorted(others)}: move what they share below"
+
+
+def test_the_clis_other_commands_are_no_part_of_a_stage():
     assert "src/pcam_pipeline/predict.py" not in stage_closure("train")
+    assert "src/pcam_pipeline/data/download.py" not in stage_closure("train")
 
 
-def test_stages_never_import_each_other_directly():
-    for path in sorted((SOURCE_ROOT / PACKAGE / "stages").glob("*.py")):
-        name = f"{PACKAGE}.stages.{path.stem}"
-        others = {
-            module
-            for module in imported_modules(path, name, top_level_only=False)
-            if module.startswith(f"{PACKAGE}.stages.") and module != name
-        }
-        assert not others, f"{path.name} imports {others}: move what they share below the stages"
+def test_the_benchmark_runs_no_validate_or_preprocess_code():
+    """Editing a validation rule or the split writer re-runs validate or preprocess (and what
+    their outputs feed), never the benchmark."""
+    benchmark = stage_closure("benchmark")
+    stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["benchmark"]
+    listed = stage["deps"]
+    for path in (
+        "src/pcam_pipeline/stages/validate.py",
+        "src/pcam_pipeline/stages/preprocess.py",
+        "src/pcam_pipeline/data/checks.py",
+        "src/pcam_pipeline/data/scan.py",
+        "src/pcam_pipeline/data/prepare.py",
+        "src/pcam_pipeline/bench/full_size.py",
+    ):
+        assert path not in benchmark and path not in listed, path
+    assert {"validate", "preprocess", "fetch.seed"}.isdisjoint(listed_params("benchmark")), (
+        "nor their params"
+    )
+
+
+def listed_params(stage: str) -> list[str]:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"][stage]["params"]
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / PACKAGE / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_the_closure_finds_a_stage_reached_through_other_modules(tmp_path):
+    """The chain that once made editing a validation rule re-run the benchmark: benchmark
+    imports perf inside a function, perf imports the validate stage. Imports for type hints
+    only (under TYPE_CHECKING) never run and are not followed."""
+    root = write_tree(
+        tmp_path / "src",
+        {
+            "__init__.py": "",
+            "cli.py": "from pcam_pipeline import paths\n",
+            "paths.py": "",
+            "perf.py": "from pcam_pipeline.stages.validate import validate_dir\n",
+            "hints.py": "",
+            "stages/__init__.py": "",
+            "stages/validate.py": "def validate_dir():\n    pass\n",
+            "stages/train.py": (
+                "from typing import TYPE_CHECKING\n\n"
+                "if TYPE_CHECKING:\n    from pcam_pipeline import hints\n"
+                "    from pcam_pipeline.stages import validate\n"
+            ),
+            "stages/benchmark.py": "def run():\n    from pcam_pipeline import perf\n",
+        },
+    )
+    assert other_stages("benchmark", root) == {"src/pcam_pipeline/stages/validate.py"}
+    assert "src/pcam_pipeline/perf.py" in stage_closure("benchmark", root)
+    assert "src/pcam_pipeline/paths.py" in stage_closure("validate", root), "the CLI's imports"
+    assert other_stages("train", root) == set()
+    assert "src/pcam_pipeline/hints.py" not in stage_closure("train", root)

@@ -23,6 +23,7 @@ from pcam_pipeline.data.loader import (
     normalise,
     symmetry_codes,
 )
+from pcam_pipeline.data.pcam import PATCH_BYTES
 from pcam_pipeline.params import LoaderParams
 from tests.pcam_files import N, stamped_patches, write_processed
 
@@ -177,7 +178,7 @@ def test_a_stopped_epoch_closes_its_file_and_read_errors_surface(split_file, mon
 
 
 def test_falls_back_to_streaming_when_the_split_does_not_fit(split_file, monkeypatch, caplog):
-    monkeypatch.setattr(loader, "available_memory", lambda: (N * 96 * 96 * 3, "test budget"))
+    monkeypatch.setattr(loader, "available_memory", lambda: (N * PATCH_BYTES, "test budget"))
     with caplog.at_level(logging.WARNING):
         split = Split.open(split_file, options(True))  # needs all of it, may use half
     assert not split.in_memory
@@ -187,7 +188,7 @@ def test_falls_back_to_streaming_when_the_split_does_not_fit(split_file, monkeyp
         i for x, _ in split.batches(split.epoch_order(torch.Generator()), 64) for i in decode(x)
     ]
     assert sorted(seen) == list(range(N))
-    monkeypatch.setattr(loader, "available_memory", lambda: (10 * N * 96 * 96 * 3, "test"))
+    monkeypatch.setattr(loader, "available_memory", lambda: (10 * N * PATCH_BYTES, "test"))
     assert Split.open(split_file, options(True)).in_memory
 
 

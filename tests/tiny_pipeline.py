@@ -1,7 +1,7 @@
 """Helpers for the train / evaluate / predict tests: a tiny processed dataset and small params.
 
 The dataset is made with the project's own code (the synthetic generator, `ProcessedWriter`
-and the preprocess stage's channel statistics), so the tests exercise the real file layout.
+and the processed dataset's channel statistics), so the tests exercise the real file layout.
 Imported (`from tests.tiny_pipeline import ...`) by tests/test_train.py, tests/test_evaluate.py
 and tests/test_predict.py.
 """
@@ -22,11 +22,11 @@ import pytest
 import torch
 import yaml
 
+from pcam_pipeline.data.channel_stats import ChannelStats
 from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
+from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.data.synthetic import generate_split
 from pcam_pipeline.params import Params, parse_params
-from pcam_pipeline.repro import write_json
-from pcam_pipeline.stages.preprocess import STATS_FILE, ChannelStats
 from tests.conftest import REPO_ROOT, merge
 
 SIZES = {"train": 256, "valid": 64, "test": 64}
@@ -63,14 +63,15 @@ def write_params_file(directory: Path, **sections: dict[str, Any]) -> Path:
 def write_tiny_dataset(directory: Path, sizes: dict[str, int] = SIZES, seed: int = 7) -> Path:
     """train/valid/test.h5 + stats.json in the processed layout, from the synthetic generator."""
     directory.mkdir(parents=True, exist_ok=True)
+    dataset = ProcessedData(directory)
     stats = ChannelStats()
     for split, size in sizes.items():
         x, y = generate_split(seed, split, size, 0.5)
-        with ProcessedWriter(directory / f"{split}.h5", ProcessedLayout(64, "none")) as writer:
+        with ProcessedWriter(dataset.split_path(split), ProcessedLayout(64, "none")) as writer:
             writer.append(x, y, np.arange(size))
         if split == "train":
             stats.update(x)
-    write_json(directory / STATS_FILE, {"from": "train", "pixels": stats.count, **stats.result()})
+    dataset.write_stats(stats)
     return directory
 
 

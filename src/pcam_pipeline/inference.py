@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pcam_pipeline.data.loader import DeviceBatches, normalise
+from pcam_pipeline.data.processed import normalisation
 from pcam_pipeline.errors import CheckpointError
 from pcam_pipeline.models import build_model
 from pcam_pipeline.params import TrainParams
@@ -69,9 +70,7 @@ def model_from_checkpoint(
         train_params = TrainParams.model_validate(checkpoint["params"]["train"])
         model = build_model(train_params)
         model.load_state_dict(checkpoint["model"])
-        stats = checkpoint["normalisation"]
-        mean = torch.tensor(stats["mean"], device=device)
-        std = torch.tensor(stats["std"], device=device)
+        mean, std = normalisation(checkpoint["normalisation"], device)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         said = first_sentence(str(exc)) or type(exc).__name__
         raise CheckpointError(

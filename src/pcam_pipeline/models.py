@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from pcam_pipeline.data.pcam import PATCH_SHAPE
 from pcam_pipeline.params import TrainParams
 
-INPUT_SHAPE = (3, 96, 96)
+INPUT_SHAPE = (PATCH_SHAPE[2], *PATCH_SHAPE[:2])  # channels first, as the convolutions take it
 
 
 class MLP(nn.Module):
@@ -16,7 +19,7 @@ class MLP(nn.Module):
     def __init__(self, hidden_sizes: list[int], dropout: float) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        width = INPUT_SHAPE[0] * INPUT_SHAPE[1] * INPUT_SHAPE[2]
+        width = math.prod(INPUT_SHAPE)
         for size in hidden_sizes:
             layers += [nn.Linear(width, size), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = size

@@ -159,9 +159,6 @@ class BenchmarkParams(_Section):
     latency_iters: int = Field(gt=1)
     loader_patches: int = Field(gt=0)
     baseline_patches: int = Field(gt=0)
-    full: bool
-    full_patches: int = Field(gt=0)
-    full_dir: str
 
 
 class Params(_Section):

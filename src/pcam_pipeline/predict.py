@@ -108,16 +108,6 @@ def patch_blocks(inputs: list[Path], batch_size: int) -> Iterator[tuple[list[str
     yield from flush()
 
 
-def read_patches(inputs: list[Path]) -> tuple[np.ndarray, list[str]]:
-    """All patches in memory: uint8 (N,96,96,3) and a name for each."""
-    names: list[str] = []
-    blocks = []
-    for block_names, block in patch_blocks(inputs, 4096):
-        names += block_names
-        blocks.append(block)
-    return (np.concatenate(blocks) if blocks else np.empty((0, *PATCH_SHAPE), np.uint8)), names
-
-
 def main(
     checkpoint: Path,
     inputs: list[Path],

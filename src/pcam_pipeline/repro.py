@@ -126,7 +126,16 @@ RUN_ENVIRONMENT = (
     "SLURM_JOB_ID",
     "SLURM_JOB_PARTITION",
     "SLURM_CLUSTER_NAME",
+    "SLURM_JOB_NODELIST",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_JOB_GPUS",
 )
+
+
+def run_environment() -> dict[str, str | None]:
+    """The container and the job a result was made in (RUN_ENVIRONMENT, by lower-case name):
+    recorded beside checkpoints and in every measurement."""
+    return {name.lower(): os.environ.get(name) for name in RUN_ENVIRONMENT}
 
 
 def run_record() -> dict[str, Any]:
@@ -136,7 +145,7 @@ def run_record() -> dict[str, Any]:
         "git_dirty": git_dirty(),
         "host": platform.node(),
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "environment": {name.lower(): os.environ.get(name) for name in RUN_ENVIRONMENT},
+        "environment": run_environment(),
     }
 
 

@@ -12,12 +12,18 @@ from typing import Any
 import torch
 
 from pcam_pipeline import numerics
+from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.paths import PROCESSED_DIR, TRAIN_DATA_DIR_ENV
 
 
 def data_dir() -> Path:
     """The processed splits: node-local staging when PCAM_TRAIN_DATA_DIR is set, else the repo's."""
     return Path(os.environ.get(TRAIN_DATA_DIR_ENV, PROCESSED_DIR))
+
+
+def processed_data() -> ProcessedData:
+    """The processed dataset this stage reads (in `data_dir`)."""
+    return ProcessedData(data_dir())
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -164,6 +164,18 @@ class SingleThreadWeightGrad(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
+def prepare_model(params: TrainParams, device: torch.device) -> nn.Module:
+    """The model of `params` on `device`, as the training loop runs it: with portable CPU
+    numerics its convolutions sum their weight gradients on one thread (eager only), on CUDA it
+    is channels_last."""
+    model = build_model(params).to(device)
+    if device.type == "cpu" and params.compile == "off" and numerics.active() == "portable":
+        portable_convolutions(model)
+    if uses_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def class_weights(labels: np.ndarray) -> np.ndarray:
     """Per-sample weights that make both classes equally likely under WeightedRandomSampler."""
     counts = np.bincount(labels, minlength=2).astype(np.float64)
@@ -347,11 +359,7 @@ class Loop:
                 f"train.batch_size {params.batch_size} is the global batch and must divide "
                 f"evenly over {world.size} training processes; use a multiple of {world.size}"
             )
-        self.model = build_model(params).to(device)
-        if device.type == "cpu" and params.compile == "off" and numerics.active() == "portable":
-            portable_convolutions(self.model)
-        if uses_channels_last(device):
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = prepare_model(params, device)
         trained: nn.Module = self.model
         if world.distributed if ddp is None else ddp:
             trained = nn.parallel.DistributedDataParallel(

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
-from pcam_pipeline.data.pcam import LABEL_SHAPE, PATCH_SHAPE, split_files
+from pcam_pipeline.data.pcam import LABEL_SHAPE, PATCH_BYTES, PATCH_SHAPE, split_files
 from pcam_pipeline.repro import atomic_path, write_failed
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -192,8 +192,7 @@ class ProcessedLayout:
         (HDF5 stores a partial last chunk full size), y and index, and HDF5's metadata (1 MiB
         covers it: 16 kB for 300 patches, 36 kB for 20,000 when measured)."""
         chunks = -(-patches // self.chunk_patches)
-        row_bytes = int(np.prod(PATCH_SHAPE))
-        return chunks * self.chunk_patches * row_bytes + patches * (1 + 8) + HDF5_METADATA_BYTES
+        return chunks * self.chunk_patches * PATCH_BYTES + patches * (1 + 8) + HDF5_METADATA_BYTES
 
 
 HDF5_METADATA_BYTES = 1 << 20
@@ -249,17 +248,6 @@ class ProcessedWriter:
 
     def __exit__(self, *exc_info: object) -> bool | None:
         return self._out.__exit__(*exc_info)
-
-
-def read_processed(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Whole split into memory: (x uint8 (N,96,96,3), y uint8 (N,))."""
-    with h5py.File(path, "r") as handle:
-        return handle["x"][...], handle["y"][...]
-
-
-def processed_length(path: Path) -> int:
-    with h5py.File(path, "r") as handle:
-        return int(handle["y"].shape[0])
 
 
 def processed_labels(path: Path) -> np.ndarray:

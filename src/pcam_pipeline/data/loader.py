@@ -30,11 +30,10 @@ import psutil
 import torch
 
 from pcam_pipeline.data.hdf5 import PatchBlocks
+from pcam_pipeline.data.pcam import PATCH_BYTES, PATCH_SHAPE
 from pcam_pipeline.params import LoaderParams
 
 log = logging.getLogger(__name__)
-PATCH_SHAPE = (96, 96, 3)
-PATCH_BYTES = 96 * 96 * 3
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -12,8 +13,8 @@ Split = Literal["train", "valid", "test"]
 Part = Literal["x", "y"]
 
 PATCH_SHAPE = (96, 96, 3)
+PATCH_BYTES = math.prod(PATCH_SHAPE)  # one uint8 patch
 LABEL_SHAPE = (1, 1, 1)
-ZENODO_RECORD_URL = "https://zenodo.org/records/2546921/files"
 
 
 def blank_mask(x: np.ndarray, black_level: int, white_level: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pcam_pipeline.data.loader import DeviceBatches, Split
+from pcam_pipeline.data.pcam import SPLITS
 from pcam_pipeline.errors import CheckpointError, PipelineError
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.metrics import auroc, choose_threshold, classification_report, majority_baseline
@@ -26,7 +27,7 @@ from pcam_pipeline.paths import (
     SLICES_FILE,
 )
 from pcam_pipeline.repro import atomic_path, write_json
-from pcam_pipeline.runtime import data_dir, resolve_device, uses_bf16
+from pcam_pipeline.runtime import processed_data, resolve_device, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,19 @@ def evaluate(
     }
 
 
-def main(params: Params) -> None:
+def log_plots(labels: np.ndarray, probs: np.ndarray, threshold: float, bins: int) -> None:
+    """The test split's ROC, precision-recall, confusion and calibration plots, via dvclive."""
     from dvclive import Live
 
+    predicted = (probs >= threshold).astype(int)
+    with Live(str(EVALUATE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        live.log_sklearn_plot("roc", labels, probs, name="roc.json")
+        live.log_sklearn_plot("precision_recall", labels, probs, name="pr.json")
+        live.log_sklearn_plot("confusion_matrix", labels, predicted, name="confusion.json")
+        live.log_sklearn_plot("calibration", labels, probs, name="calibration.json", n_bins=bins)
+
+
+def main(params: Params) -> None:
     device = resolve_device(params.train.device)
     try:
         model, mean, std, checkpoint = model_from_checkpoint(BEST_CHECKPOINT, device)
@@ -143,11 +154,8 @@ def main(params: Params) -> None:
             f"restore it from the DVC cache (`dvc checkout {BEST_CHECKPOINT}`)"
         ) from None
     bf16 = uses_bf16(params.train.bf16, device)
-    directory = data_dir()
-    splits = {
-        name: Split.open(directory / f"{name}.h5", params.loader)
-        for name in ("train", "valid", "test")
-    }
+    dataset = processed_data()
+    splits = {name: Split.open(dataset.split_path(name), params.loader) for name in SPLITS}
     probs = {
         name: predict_split(
             model,
@@ -180,18 +188,7 @@ def main(params: Params) -> None:
     write_json(SLICES_FILE, slices)
     write_json(METRICS_FILE, report)
 
-    predicted = (probs["test"] >= threshold).astype(int)
-    with Live(str(EVALUATE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        live.log_sklearn_plot("roc", labels["test"], probs["test"], name="roc.json")
-        live.log_sklearn_plot("precision_recall", labels["test"], probs["test"], name="pr.json")
-        live.log_sklearn_plot("confusion_matrix", labels["test"], predicted, name="confusion.json")
-        live.log_sklearn_plot(
-            "calibration",
-            labels["test"],
-            probs["test"],
-            name="calibration.json",
-            n_bins=params.evaluate.calibration_bins,
-        )
+    log_plots(labels["test"], probs["test"], threshold, params.evaluate.calibration_bins)
     indices = confident_errors(
         labels["test"], probs["test"], threshold, params.evaluate.n_error_examples
     )

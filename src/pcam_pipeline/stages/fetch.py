@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
 
 from pcam_pipeline.data.download import download_pcam_file
 from pcam_pipeline.data.hdf5 import HDF5_METADATA_BYTES, write_pcam_split
-from pcam_pipeline.data.pcam import PATCH_SHAPE, SPLITS, all_file_names, checksums_from, split_files
+from pcam_pipeline.data.pcam import PATCH_BYTES, SPLITS, all_file_names, checksums_from, split_files
 from pcam_pipeline.data.synthetic import generate_split
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import FetchParams, Params
@@ -60,7 +59,7 @@ def synthetic_writes(params: FetchParams, out_dir: Path) -> list[tuple[int, int]
     for split in SPLITS:
         patches = getattr(params.sizes, split)
         x_path, y_path = split_files(out_dir, split)
-        x_bytes = patches * math.prod(PATCH_SHAPE)
+        x_bytes = patches * PATCH_BYTES
         writes.append((x_bytes + HDF5_METADATA_BYTES, replaced_bytes(x_path)))
         writes.append((patches + HDF5_METADATA_BYTES, replaced_bytes(y_path)))
     return writes

@@ -28,6 +28,7 @@ from torch import nn
 from pcam_pipeline import distributed
 from pcam_pipeline.data.hdf5 import processed_labels
 from pcam_pipeline.data.loader import DeviceBatches, Split
+from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.distributed import SINGLE, World
 from pcam_pipeline.errors import DamagedCheckpoint, PipelineError, RefusedCheckpoint
 from pcam_pipeline.inference import predict_split
@@ -40,13 +41,18 @@ from pcam_pipeline.repro import (
     md5_file,
     move_aside,
     package_versions,
-    read_json,
     run_record,
     save_checkpoint,
     seed_everything,
     write_json,
 )
-from pcam_pipeline.runtime import cpu_numerics_record, data_dir, resolve_device, uses_bf16
+from pcam_pipeline.runtime import (
+    cpu_numerics_record,
+    data_dir,
+    processed_data,
+    resolve_device,
+    uses_bf16,
+)
 from pcam_pipeline.training import SUM_KEYS, Loop, RunningSums
 
 log = logging.getLogger(__name__)
@@ -109,11 +115,6 @@ def evaluate_split(
         "val_accuracy": float(((probs >= 0.5) == labels).mean()),
         "val_auroc": auroc(split.split.labels, probs),
     }
-
-
-def load_stats(directory: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    stats = read_json(directory / "stats.json")
-    return (torch.tensor(stats["mean"], device=device), torch.tensor(stats["std"], device=device))
 
 
 def rng_state() -> dict[str, Any]:
@@ -236,8 +237,9 @@ def check_inputs(directory: Path, select_metric: str) -> None:
     split, or, selecting by val_auroc, a validation split of one class (its AUROC is undefined,
     so every epoch would run and none could be kept as best)."""
     labels = {}
+    dataset = ProcessedData(directory)
     for split in ("train", "valid"):
-        path = directory / f"{split}.h5"
+        path = dataset.split_path(split)
         if not path.is_file():
             raise PipelineError(f"{path}: missing. Fix: run `dvc repro preprocess` to write it")
         try:
@@ -254,7 +256,7 @@ def check_inputs(directory: Path, select_metric: str) -> None:
     classes = np.unique(labels["valid"]).tolist()
     if select_metric == "val_auroc" and len(classes) < 2:
         raise PipelineError(
-            f"{directory / 'valid.h5'}: the validation split holds one class only (all "
+            f"{dataset.split_path('valid')}: the validation split holds one class only (all "
             f"{len(labels['valid'])} labels are {classes[0]}): val_auroc (train.select_metric) "
             "is undefined in every epoch, so no epoch could be kept as best. Fix: set "
             f"train.select_metric: val_loss, or {PREPROCESS_FIX}"
@@ -291,15 +293,13 @@ class Trainer:
         if self.device.type == "cuda" and world.distributed:
             self.device = torch.device("cuda", world.local_rank)
         self.bf16 = uses_bf16(self.tp.bf16, self.device)
-        directory = data_dir()
-        self.train_split = Split.open(directory / "train.h5", params.loader)
-        self.valid_split = Split.open(directory / "valid.h5", params.loader)
-        self.mean, self.std = load_stats(directory, self.device)
+        dataset = processed_data()
+        self.train_split = Split.open(dataset.split_path("train"), params.loader)
+        self.valid_split = Split.open(dataset.split_path("valid"), params.loader)
+        self.mean, self.std = dataset.normalisation(self.device)
         # Keyed by file name, not path: a run on a staged copy (PCAM_TRAIN_DATA_DIR) of the same
         # files writes the same checkpoint bytes as one reading data/processed.
-        data_md5 = {
-            name: md5_file(directory / name) for name in ("stats.json", "train.h5", "valid.h5")
-        }
+        data_md5 = dataset.md5s("train", "valid")
         # What the weights depend on besides params (cpu.numerics among them) and data: the
         # device. The library builds, the thread count, the CPU and where and when the run
         # happened are no part of the checkpoint's bytes: they go to the provenance record.

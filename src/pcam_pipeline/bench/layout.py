@@ -1,0 +1,136 @@
+"""The HDF5 layout of the processed splits: chunk size in patches x none/lzf/gzip, with its
+write time, file size, block reads and our streaming loader, as a table
+(`python -m pcam_pipeline.bench.perf layout`)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pcam_pipeline.bench.loaders import streaming_epoch
+from pcam_pipeline.bench.measure import median, read_seconds
+from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, ProcessedWriter, blocks
+from pcam_pipeline.data.pcam import PATCH_BYTES, PATCH_SHAPE
+from pcam_pipeline.data.processed import ProcessedData
+from pcam_pipeline.data.synthetic import generate_split
+from pcam_pipeline.params import LoaderParams
+from pcam_pipeline.paths import PROCESSED_DIR
+
+log = logging.getLogger(__name__)
+SOURCE_PATCHES = 2048  # distinct patches each layout's file is tiled from
+
+
+def layout_source(patches: int) -> np.ndarray:
+    """Up to SOURCE_PATCHES distinct patches: the processed train split if present, else
+    synthetic."""
+    train = ProcessedData(PROCESSED_DIR).split_path("train")
+    count = min(patches, SOURCE_PATCHES)
+    if train.exists():
+        with h5py.File(train, "r") as handle:
+            return handle["x"][:count]
+    return generate_split(2026, "train", count, 0.5)[0]
+
+
+def write_layout(path: Path, source: np.ndarray, patches: int, layout: ProcessedLayout) -> float:
+    """Seconds to write `patches` patches (tiled from `source`) in `layout`."""
+    start = time.perf_counter()
+    with ProcessedWriter(path, layout) as writer:
+        for part in blocks(patches, 1024):
+            index = np.arange(part.start, part.stop)
+            tiled = np.take(source, index % len(source), axis=0)
+            writer.append(tiled, (index % 2).astype(np.uint8), index)
+    return time.perf_counter() - start
+
+
+def shuffled_block_seconds(path: Path, patches: int, block: int, seed: int) -> float:
+    """Seconds to read every block of `path` once, in a shuffled order."""
+    order = np.random.default_rng(seed).permutation(-(-patches // block))
+    with PatchBlocks(path) as reader:
+        buffer = np.empty((block, *PATCH_SHAPE), dtype=np.uint8)
+        start = time.perf_counter()
+        for k in order:
+            reader.read_into(buffer, k * block, min((k + 1) * block, patches))
+        return time.perf_counter() - start
+
+
+def measure_layout(
+    source: np.ndarray,
+    patches: int,
+    layout: ProcessedLayout,
+    directory: Path,
+    block: int,
+    batch_size: int,
+    repeats: int,
+) -> dict[str, Any]:
+    path = directory / f"layout-{layout.chunk_patches}-{layout.compression}.h5"
+    write_seconds = write_layout(path, source, patches, layout)
+    options = LoaderParams(
+        in_memory=False,
+        max_memory_fraction=0.5,
+        block_patches=block,
+        num_workers=0,
+        device_memory_fraction=0.0,
+    )
+    sequential, shuffled, loader = [], [], []
+    for repeat in range(repeats):
+        sequential.append(patches / read_seconds(path, block)[0])
+        shuffled.append(patches / shuffled_block_seconds(path, patches, block, repeat))
+        start = time.perf_counter()
+        seen = streaming_epoch(path, options, batch_size, repeat)
+        loader.append(seen / (time.perf_counter() - start))
+    size = path.stat().st_size
+    path.unlink()
+    return {
+        "chunk_patches": layout.chunk_patches,
+        "compression": layout.compression,
+        "chunk_mb": layout.chunk_patches * PATCH_BYTES / 2**20,
+        "size_ratio": size / (patches * PATCH_BYTES),
+        "write_img_s": patches / write_seconds,
+        "sequential_read_img_s": median(sequential),
+        "shuffled_block_read_img_s": median(shuffled),
+        "loader_streaming_img_s": median(loader),
+    }
+
+
+def layout_table(
+    patches: int,
+    chunks: list[int],
+    compressions: list[str],
+    block: int,
+    batch_size: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    source = layout_source(patches)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pcam-layout-") as directory:
+        for compression in compressions:
+            for chunk in chunks:
+                log.info("layout: chunk %d, %s", chunk, compression)
+                layout = ProcessedLayout(chunk, compression)
+                row = measure_layout(
+                    source, patches, layout, Path(directory), block, batch_size, repeats
+                )
+                rows.append(row)
+    return rows
+
+
+def format_layout(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| chunk (patches, MB) | compression | size vs raw | write img/s | "
+        "block read img/s (sequential / shuffled) | streaming loader img/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['chunk_patches']} ({r['chunk_mb']:.1f}) | {r['compression']} | "
+            f"{r['size_ratio']:.2f} | {r['write_img_s']:,.0f} | "
+            f"{r['sequential_read_img_s']:,.0f} / {r['shuffled_block_read_img_s']:,.0f} | "
+            f"{r['loader_streaming_img_s']:,.0f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""The GPU check's parts that need no GPU: its data (validated and preprocessed as the stages do,
+scaled down), its table and its --configs (the timed loops are in tests/test_gpu.py's reach:
+`scripts/gpu-check.sh` runs both on a GPU node)."""
+
+from __future__ import annotations
+
+import h5py
+
+from pcam_pipeline.bench import full_size, gpucheck
+from pcam_pipeline.data.processed import ProcessedData
+
+
+def test_prepare_data_validates_and_preprocesses_a_scaled_down_split(
+    tmp_path, make_params, monkeypatch
+):
+    monkeypatch.setattr(full_size, "BASE_PATCHES", 64)
+    monkeypatch.setattr(full_size, "FULL_OTHER_SPLITS", 32)
+    params = make_params(validate={"block_patches": 64}, preprocess={"block_patches": 64})
+    result = gpucheck.prepare_data(params, tmp_path, 300)
+    assert result["validate_ok"] is True and result["train_patches"] == 300
+    assert result["validate_s"] > 0 and result["preprocess_s"] > 0
+    dataset = ProcessedData(tmp_path / "processed")
+    with h5py.File(dataset.split_path("train"), "r") as handle:
+        assert handle["x"].shape == (300, 96, 96, 3)
+    assert dataset.stats()["from"] == "train"
+    assert not (tmp_path / "pcam").exists(), "the PCAM-format input is removed once processed"
+
+
+def test_configs_from_the_command_line():
+    assert gpucheck.parse_configs(None) == gpucheck.CONFIGS
+    assert gpucheck.parse_configs("64:bf16:off,1024:fp32:reduce-overhead") == (
+        (64, "bf16", "off"),
+        (1024, "fp32", "reduce-overhead"),
+    )
+
+
+def test_table_sets_each_row_beside_the_baseline_and_ddp_beside_the_plain_loop():
+    row = {"precision": "bf16", "resident_img_s": 2000.0, "fed_fraction": 0.5}
+    result = {
+        "loop": [
+            {
+                **row,
+                "batch_size": 64,
+                "compile": "off",
+                "end_to_end_img_s": 1000.0,
+                "pcam_epoch_s": 2.5,
+            },
+            {"batch_size": 256, "precision": "bf16", "compile": "off", "error": "OutOfMemoryError"},
+        ],
+        "baseline": [{"batch_size": 64, "img_s": 400.0}],
+        "ddp_one_gpu": [{"batch_size": 64, "end_to_end_img_s": 900.0}],
+    }
+    lines = gpucheck.table(result).splitlines()
+    assert lines[2] == "| 64, bf16, off | 1,000 | 2,000 | 0.50 | 2.50 | 400 |"
+    assert lines[3] == "| 256, bf16, off | OutOfMemoryError | | | | |"
+    assert lines[-1] == "| 64 | 900 | 1,000 | 0.90 |"
+
+
+STUB = {
+    "__init__.py": "",
+    "params.py": """
+class Section:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def model_copy(self, update):
+        return Section(**{**self.__dict__, **update})
+
+
+def load_params(path):
+    return Section(train=Section(batch_size=1, device="cpu", bf16=False))
+""",
+    "preemption.py": "class Preempted(Exception):\n    pass\n",
+    "stages/__init__.py": "",
+    "stages/train.py": """
+import pcam_pipeline
+from pcam_pipeline.preemption import Preempted
+
+
+class Trainer:
+    def __init__(self, params):
+        assert params.train.device == "cuda" and params.train.bf16, "as a user ran it"
+        assert "baseline" in pcam_pipeline.__file__, "the earlier version runs, not this one"
+
+    def train_epoch(self, stop):
+        while stop.signal is None:
+            pass
+        raise Preempted("the stop it asked for")
+""",
+}
+
+
+def test_the_baseline_runs_the_earlier_versions_code(tmp_path):
+    """`baseline_epoch.py` runs against the earlier checkout's package (here a stand-in with the
+    same entry points), whatever this version's package holds."""
+    checkout = tmp_path / "baseline"
+    for name, text in STUB.items():
+        path = checkout / "src" / "pcam_pipeline" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (checkout / "params.yaml").write_text("{}\n")
+    rows = gpucheck.time_baseline(checkout, tmp_path / "processed", tmp_path, steps=5)
+    assert [row["batch_size"] for row in rows] == list(gpucheck.BASELINE_BATCHES)
+    assert all(row["img_s"] > 0 for row in rows)
