@@ -4,6 +4,7 @@ workers see the patches one process sees, step by step."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 import torch
 
 from pcam_pipeline.distributed import World, first_host, requested_processes, worker_world
+from pcam_pipeline.params import LAUNCHED_PARAMS_ENV, launched_params
 from pcam_pipeline.preemption import EXIT_PREEMPTED
 from pcam_pipeline.repro import load_checkpoint
 from pcam_pipeline.training import shard_positions
 from tests.tiny_pipeline import (
     run_pcam,
     run_until_line,
+    small_run_params,
     tiny_data,
     training_outputs,
     write_params_file,
@@ -33,10 +36,10 @@ STOP_AT = "epoch 2 batch 3/8 "  # worker 0's debug line after the 3rd of 8 steps
 outputs = training_outputs
 
 
-def train_run(directory: Path, data: Path, **sections) -> Path:
+def train_run(directory: Path, data: Path, params_file: str = "params.yaml", **sections) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    write_params_file(directory, **sections)
-    result = run_pcam(["train"], directory, data, timeout=600)
+    write_params_file(directory, **sections).rename(directory / params_file)
+    result = run_pcam(["--params", params_file, "train"], directory, data, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
     (directory / "train.log").write_text(result.stdout)
     return directory
@@ -60,7 +63,10 @@ def test_two_workers_train_and_twins_are_bit_identical(two_worker_run, tiny_data
     assert checkpoint["provenance"]["workers"] == 2
     assert checkpoint["data_order"] == "memory/workers:2"
     assert len(checkpoint["worker_rng"]) == 2
-    twin = train_run(tmp_path / "twin", tiny_data, **TWO)
+    # The twin's params are in another file and there is no params.yaml: its workers train
+    # with the params their launcher hands them, and no file is written for them.
+    twin = train_run(tmp_path / "twin", tiny_data, params_file="elsewhere.yaml", **TWO)
+    assert not (twin / "params.yaml").exists() and not (twin / ".pcam-work").exists()
     first, second = outputs(two_worker_run), outputs(twin)
     assert sorted(first) == sorted(second) and "models/best.pt" in first
     assert [name for name in first if first[name] != second[name]] == []
@@ -145,6 +151,13 @@ def test_sigusr1_to_one_worker_stops_all_and_the_rerun_ends_identical(
     )
     whole, again = outputs(two_worker_run), outputs(tmp_path)
     assert [name for name in whole if whole[name] != again[name]] == []
+
+
+def test_workers_read_the_params_their_launcher_hands_them():
+    params = small_run_params(train={"devices": 2, "plateau_patience": 3})
+    handed = {LAUNCHED_PARAMS_ENV: json.dumps(params.as_dict())}
+    assert launched_params(handed) == params
+    assert launched_params({}) is None, "a process no launcher started reads its params file"
 
 
 def test_worker_roles_come_from_the_launcher_environment():

@@ -17,7 +17,7 @@ from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.params import Params
 from pcam_pipeline.preemption import Preempted, StopFlag
 from pcam_pipeline.repro import load_checkpoint
-from pcam_pipeline.stages import train
+from pcam_pipeline.trainer import Trainer, fit
 from pcam_pipeline.training import Loop, RunningSums
 from tests.tiny_pipeline import small_run_params, tiny_data, training_outputs, workdir
 
@@ -36,7 +36,7 @@ CUDA = {"device": "cuda"}
 def train_in(directory: Path, data: Path, params: Params) -> Path:
     """The train stage without its dvclive logs (the GPU machine need not have DVC)."""
     with workdir(directory, data), StopFlag() as stop:
-        train.fit(params, stop, lambda row: None)
+        fit(params, stop, lambda row: None)
     return directory
 
 
@@ -58,7 +58,7 @@ def test_resume_after_sigusr1_equals_an_uninterrupted_cuda_run(tiny_data, tmp_pa
     whole = outputs(train_in(tmp_path / "whole", tiny_data, params))
     run = Loop.run
 
-    def run_then_signal(self, epoch, start_batch, sums, lr_scale=1.0, should_stop=None):
+    def run_then_signal(self, epoch, start_batch, sums, plateau, should_stop):
         steps = [0]
 
         def stop_after_three() -> bool:
@@ -67,7 +67,7 @@ def test_resume_after_sigusr1_equals_an_uninterrupted_cuda_run(tiny_data, tmp_pa
                 signal.raise_signal(signal.SIGUSR1)
             return should_stop()
 
-        return run(self, epoch, start_batch, sums, lr_scale, stop_after_three)
+        return run(self, epoch, start_batch, sums, plateau, stop_after_three)
 
     monkeypatch.setattr(Loop, "run", run_then_signal)
     with pytest.raises(Preempted, match="stopped by SIGUSR1 at epoch 2, batch 3;"):
@@ -80,7 +80,7 @@ def test_resume_after_sigusr1_equals_an_uninterrupted_cuda_run(tiny_data, tmp_pa
 
 def test_bf16_autocast_and_channels_last_on_cuda(tiny_data, tmp_path):
     with workdir(tmp_path, tiny_data):
-        trainer = train.Trainer(small_run_params(train=CUDA))
+        trainer = Trainer(small_run_params(train=CUDA))
     weight = next(trainer.model.parameters())
     assert weight.is_cuda
     conv = trainer.model.features[0].weight
@@ -98,7 +98,7 @@ def test_the_steady_loop_never_waits_for_the_device(tiny_data, tmp_path):
     """CUDA's sync debug mode turns any host-device synchronisation into an error: after the
     first batch (the epoch's one-off setup) none may happen until the loop stops."""
     with workdir(tmp_path, tiny_data):
-        trainer = train.Trainer(small_run_params(train={**CUDA, "grad_clip": 1.0}))
+        trainer = Trainer(small_run_params(train={**CUDA, "grad_clip": 1.0}))
     calls = [0]
 
     def strict_after_first() -> bool:
@@ -186,7 +186,7 @@ def test_ddp_on_one_gpu_trains_exactly_as_the_plain_loop(tiny_data, tmp_path):
         states = []
         for ddp in (False, True):
             with workdir(tmp_path, tiny_data):
-                trainer = train.Trainer(small_run_params(train=CUDA))
+                trainer = Trainer(small_run_params(train=CUDA))
             params = trainer.tp
             torch.manual_seed(params.seed)
             loop = Loop(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import random
 import shutil
 import signal
 import subprocess
@@ -19,12 +17,12 @@ import torch
 import yaml
 
 from pcam_pipeline import numerics
-from pcam_pipeline.errors import RefusedCheckpoint
+from pcam_pipeline.checkpoints import CHECKPOINT_FORMAT, recorded_params
 from pcam_pipeline.models import CNN, MLP, build_model
 from pcam_pipeline.params import TrainParams
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted, StopFlag
-from pcam_pipeline.repro import load_checkpoint, md5_file, save_checkpoint
-from pcam_pipeline.stages import train
+from pcam_pipeline.repro import load_checkpoint, md5_file
+from pcam_pipeline.trainer import Trainer, is_better
 from pcam_pipeline.training import TrainStep
 from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import (
@@ -178,48 +176,20 @@ def test_sigterm_mid_batch_stops_after_it_and_resumes_identically(
     assert assert_saved_mid_epoch(tmp_path, 3) == 3, "the batch in flight is finished, no more"
     monkeypatch.undo()
     # The second run must pick up models/last.pt (not start afresh and merely end up equal).
-    with caplog.at_level("INFO", logger=train.__name__):
+    with caplog.at_level("INFO", logger=Trainer.__module__):
         train_in(tmp_path, tiny_data)
-    resumed = [r.getMessage() for r in caplog.records if r.name == train.__name__]
+    resumed = [r.getMessage() for r in caplog.records if r.name == Trainer.__module__]
     assert "resuming from models/last.pt at epoch 2, batch 3" in resumed, resumed
     assert not [m for m in resumed if "starting afresh" in m], resumed
     assert_same_bytes(outputs(trained_run), outputs(tmp_path))
-
-
-def test_resume_only_matching_unfinished_checkpoints(trained_run, tmp_path):
-    finished = load_checkpoint(trained_run / "models" / "last.pt")
-    assert finished["progress"]["complete"]
-    expected = finished["fingerprint"]
-    path = tmp_path / "last.pt"
-
-    save_checkpoint(path, finished)
-    assert train.try_resume(path, expected) is None, "a finished run starts afresh"
-    unfinished = {**finished, "progress": {**finished["progress"], "complete": False}}
-    save_checkpoint(path, unfinished)
-    assert train.try_resume(path, expected) is not None
-    assert train.try_resume(path, "0" * 64) is None, "other params or data start afresh"
-    save_checkpoint(path, {**unfinished, "format": train.CHECKPOINT_FORMAT + 1})
-    assert train.try_resume(path, expected) is None, "another checkpoint format starts afresh"
-    assert train.try_resume(tmp_path / "absent.pt", expected) is None
-
-
-def test_fingerprint_covers_train_params_data_and_order():
-    params, data = small_run_params(), {"train.h5": "a" * 32}
-    base = train.fingerprint(params, data, "memory")
-    assert base == train.fingerprint(small_run_params(), dict(data), "memory")
-    assert base != train.fingerprint(small_run_params(train={"lr": 0.001}), data, "memory")
-    assert base != train.fingerprint(params, {"train.h5": "b" * 32}, "memory")
-    assert base != train.fingerprint(params, data, "stream:512")
-    # evaluate-only params do not invalidate a half-finished training run
-    assert base == train.fingerprint(small_run_params(evaluate={"n_slices": 8}), data, "memory")
 
 
 def test_streamed_and_in_memory_runs_do_not_resume_each_other(tiny_data, tmp_path):
     # The two visit the train split in different orders; which one a run gets depends on the
     # memory available, so a checkpoint only resumes into the same one.
     with workdir(tmp_path, tiny_data):
-        in_memory = train.Trainer(small_run_params())
-        streamed = train.Trainer(small_run_params(loader={"in_memory": False}))
+        in_memory = Trainer(small_run_params())
+        streamed = Trainer(small_run_params(loader={"in_memory": False}))
     assert (in_memory.order, streamed.order) == ("memory", "stream:512")
     assert in_memory.fingerprint != streamed.fingerprint
 
@@ -241,8 +211,8 @@ def test_checkpoints_record_params_data_versions_and_rng(trained_run, tiny_data)
     stats = json.loads((tiny_data / "stats.json").read_text())
     for name in ("best.pt", "last.pt"):
         checkpoint = load_checkpoint(trained_run / "models" / name)
-        assert checkpoint["format"] == train.CHECKPOINT_FORMAT
-        assert checkpoint["params"] == params.as_dict()
+        assert checkpoint["format"] == CHECKPOINT_FORMAT
+        assert checkpoint["params"] == recorded_params(params)
         assert checkpoint["data_order"] == "memory"
         provenance = checkpoint["provenance"]
         assert provenance["data_md5"] == {
@@ -294,59 +264,12 @@ def test_the_provenance_record_names_the_git_commit(tiny_data, tmp_path):
     ).stdout.strip()
     (tmp_path / "untracked.txt").write_text("not part of the commit\n")
     with workdir(tmp_path, tiny_data):
-        trainer = train.Trainer(small_run_params())
+        trainer = Trainer(small_run_params())
         trainer.save(Path("models/last.pt"))
     record = json.loads((tmp_path / "models" / "last.provenance.json").read_text())
     assert record["git_commit"] == head
     assert record["git_dirty"] is False, "untracked files do not make the code dirty"
     assert "git_commit" not in trainer.checkpoint()["provenance"]
-
-
-def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
-    torch.manual_seed(1)
-    np.random.seed(2)
-    random.seed(3)
-    np.random.normal()  # leaves a cached gaussian and a mid-stream position behind
-    save_checkpoint(tmp_path / "rng.pt", {"rng": train.rng_state()})
-
-    def draws() -> tuple:
-        return torch.rand(3).tolist(), np.random.normal(size=3).tolist(), random.random()
-
-    expected = draws()
-    draws()
-    train.set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
-    assert draws() == expected
-
-
-class CodeInPickle:
-    """Unpickling this runs a shell command: what a tampered checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_checkpoint_loading_refuses_a_pickle_with_code(tmp_path):
-    # The payload is live: an unrestricted load does run it.
-    proof = tmp_path / "unsafe-load-ran"
-    torch.save({"model": CodeInPickle(proof)}, tmp_path / "proof.pt")
-    torch.load(tmp_path / "proof.pt", weights_only=False)
-    assert proof.exists()
-
-    marker = tmp_path / "payload-ran"
-    torch.save({"model": CodeInPickle(marker), "format": 1}, tmp_path / "evil.pt")
-    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"model": CodeInPickle(marker)}, protocol=2))
-    for name in ("evil.pt", "evil.pkl"):  # torch's zip format and a bare legacy pickle
-        with pytest.raises(RefusedCheckpoint, match="refused to load"):
-            load_checkpoint(tmp_path / name)
-        evil = (tmp_path / name).read_bytes()
-        with pytest.raises(train.CheckpointSetAside, match=r"refused to load.*moved to"):
-            train.try_resume(tmp_path / name, "any")
-        [moved] = tmp_path.glob(f"{name}.refused-*")  # kept, under a name that says why
-        assert moved.read_bytes() == evil and not (tmp_path / name).exists()
-    assert not marker.exists(), "the checkpoint's code ran"
 
 
 # --- logging and best selection -----------------------------------------------------------------
@@ -384,7 +307,7 @@ SCRIPTED = [  # validation results of three epochs: each metric prefers a differ
 ]
 
 
-def skip_to_epoch_end(trainer: train.Trainer) -> None:
+def skip_to_epoch_end(trainer: Trainer) -> None:
     """Stand-in for an epoch of training: plausible running sums, position at the epoch's end."""
     trainer.progress.sums = {
         "loss": 1.0,
@@ -410,8 +333,8 @@ def test_best_checkpoint_is_chosen_by_select_metric(
         skip_to_epoch_end(self)
 
     results = iter(SCRIPTED)
-    monkeypatch.setattr(train.Trainer, "train_epoch", scripted_epoch)
-    monkeypatch.setattr(train, "evaluate_split", lambda *args: dict(next(results)))
+    monkeypatch.setattr(Trainer, "train_epoch", scripted_epoch)
+    monkeypatch.setattr("pcam_pipeline.trainer.evaluate_split", lambda *args: dict(next(results)))
     params = small_run_params(train={"model": "mlp", "epochs": 3, "select_metric": metric})
     train_in(tmp_path, tiny_data, params)
 
@@ -431,20 +354,39 @@ def test_signal_between_epochs_stops_before_the_next_one(tiny_data, tmp_path, mo
         os.kill(os.getpid(), signal.SIGUSR1)
         return dict(SCRIPTED[0])
 
-    monkeypatch.setattr(train.Trainer, "train_epoch", quick_epoch)
-    monkeypatch.setattr(train, "evaluate_split", validate_then_sigusr1)
+    monkeypatch.setattr(Trainer, "train_epoch", quick_epoch)
+    monkeypatch.setattr("pcam_pipeline.trainer.evaluate_split", validate_then_sigusr1)
     with pytest.raises(Preempted, match="stopped by SIGUSR1 before epoch 2;"):
         train_in(tmp_path, tiny_data, small_run_params(train={"model": "mlp", "epochs": 3}))
     saved = load_checkpoint(tmp_path / "models" / "last.pt")["progress"]
     assert (saved["epoch"], saved["batch"], len(saved["history"])) == (1, 0, 1)
 
 
+@pytest.mark.parametrize(("patience", "decays"), [(1, [0, 0, 1, 2]), (2, [0, 0, 0, 1])])
+def test_plateau_decays_after_patience_epochs_without_a_new_best(
+    patience, decays, tiny_data, tmp_path, monkeypatch
+):
+    # val_loss: a best, two epochs without a new one, then a best again. Patience 1 decays
+    # after each bad epoch, patience 2 only after the second in a row.
+    losses = iter([0.5, 0.6, 0.7, 0.4])
+    monkeypatch.setattr(
+        "pcam_pipeline.trainer.evaluate_split",
+        lambda *args: {"val_loss": next(losses), "val_accuracy": 0.5, "val_auroc": 0.5},
+    )
+    plateau = {"schedule": "plateau", "warmup_epochs": 0, "plateau_patience": patience}
+    params = small_run_params(train={"model": "mlp", "epochs": 4, "gamma": 0.5, **plateau})
+    train_in(tmp_path, tiny_data, params)
+    history = load_checkpoint(tmp_path / "models" / "last.pt")["progress"]["history"]
+    # each epoch's lr is the one its steps trained with
+    assert [row["lr"] for row in history] == [params.train.lr * 0.5**n for n in decays]
+
+
 def test_is_better_direction_and_nan():
-    assert train.is_better("val_loss", 0.2, 0.3) and not train.is_better("val_loss", 0.4, 0.3)
-    assert train.is_better("val_auroc", 0.9, 0.8) and not train.is_better("val_auroc", 0.7, 0.8)
-    assert train.is_better("val_auroc", 0.5, None)
-    assert not train.is_better("val_auroc", math.nan, None), "NaN never becomes best"
-    assert train.is_better("val_auroc", 0.5, math.nan)
+    assert is_better("val_loss", 0.2, 0.3) and not is_better("val_loss", 0.4, 0.3)
+    assert is_better("val_auroc", 0.9, 0.8) and not is_better("val_auroc", 0.7, 0.8)
+    assert is_better("val_auroc", 0.5, None)
+    assert not is_better("val_auroc", math.nan, None), "NaN never becomes best"
+    assert is_better("val_auroc", 0.5, math.nan)
 
 
 # --- models -------------------------------------------------------------------------------------

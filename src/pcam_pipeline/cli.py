@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pcam_pipeline import numerics
 from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.params import ParamsError, load_params
+from pcam_pipeline.params import ParamsError, launched_params, load_params
 from pcam_pipeline.paths import PARAMS_FILE, RAW_DIR
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
             predict.main(args.checkpoint, args.inputs, args.out, args.threshold, args.device)
             return 0
-        params = load_params(args.params)
+        # A training worker trains with its launcher's params, not with a file's.
+        params = launched_params(os.environ) or load_params(args.params)
         numerics.pin(params.cpu.numerics)
         if args.command == "download":
             from pcam_pipeline.stages import fetch

@@ -9,8 +9,9 @@ start it, behind the one `pcam train` command that DVC runs.
 - a **launcher**, when it runs in a Slurm allocation of several tasks (`sbatch --ntasks=N`, or
   `--nodes=K --ntasks-per-node=G`): it runs `srun` for the workers; or, outside Slurm, when
   `train.devices` asks for N > 1 processes (`auto`: every visible GPU): it starts N local
-  workers. A launcher forwards SIGUSR1/SIGTERM to its workers and exits with their status (75
-  when they were preempted);
+  workers (`launch`). It hands them its validated params in the environment
+  (params.LAUNCHED_PARAMS_ENV), forwards SIGUSR1/SIGTERM to them and exits with their status
+  (75 when they were preempted);
 - otherwise a **single process**, exactly as without this module.
 
 NCCL on CUDA (one GPU per worker, `cuda:LOCAL_RANK`), gloo on the CPU.
@@ -18,6 +19,7 @@ NCCL on CUDA (one GPU per worker, `cuda:LOCAL_RANK`), gloo on the CPU.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,14 +27,18 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pcam_pipeline.preemption import EXIT_PREEMPTED, STOP_SIGNALS
+from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.params import LAUNCHED_PARAMS_ENV, Params, TrainParams
+from pcam_pipeline.paths import LAST_CHECKPOINT
+from pcam_pipeline.preemption import EXIT_PREEMPTED, STOP_SIGNALS, Preempted
+from pcam_pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 MODE_ENV = "PCAM_DIST"  # set by a launcher for its workers: "local" or "srun"
@@ -88,6 +94,16 @@ def requested_processes(devices: int | str, cuda: bool) -> int:
     if devices == "auto":
         return max(torch.cuda.device_count(), 1) if cuda else 1
     return int(devices)
+
+
+def uses_cuda(params: TrainParams) -> bool:
+    return resolve_device(params.device).type == "cuda"
+
+
+def training_processes(params: TrainParams) -> int:
+    """How many workers a `pcam train` that no launcher started runs: one per task of a Slurm
+    allocation, else what `train.devices` asks for."""
+    return max(slurm_tasks(), requested_processes(params.devices, uses_cuda(params)))
 
 
 def first_host(nodelist: str) -> str:
@@ -176,10 +192,44 @@ def barrier() -> None:
 # Launchers
 
 
-def worker_environment(rank: int, size: int, port: int) -> dict[str, str]:
+class WorkersFailed(PipelineError):
+    """A training worker failed; the others were stopped."""
+
+
+def launch(params: Params, processes: int) -> None:
+    """Run the train stage as `processes` workers (srun inside a Slurm allocation of several
+    tasks, else local processes), with these exact params; raise as one process would."""
+    if params.train.batch_size % processes:
+        raise WorkersFailed(
+            f"train.batch_size {params.train.batch_size} is the global batch and must divide "
+            f"evenly over {processes} training processes: use a multiple of {processes} "
+            "(or set train.devices)"
+        )
+    argv = [*(["-v"] if log.isEnabledFor(logging.DEBUG) else []), "train"]
+    handed = {LAUNCHED_PARAMS_ENV: json.dumps(params.as_dict())}
+    try:
+        if slurm_tasks() > 1:
+            code = launch_srun(argv, handed)
+        else:
+            code = launch_local(processes, argv, handed)
+    except DistributedError as error:
+        raise WorkersFailed(str(error)) from None
+    if code == EXIT_PREEMPTED:
+        raise Preempted(
+            f"the training workers saved {LAST_CHECKPOINT} and stopped: run the train stage "
+            "again (`dvc repro`) to resume"
+        )
+    if code != 0:
+        raise WorkersFailed(f"a training worker exited with status {code} (its log is above)")
+
+
+def worker_environment(
+    rank: int, size: int, port: int, handed: Mapping[str, str]
+) -> dict[str, str]:
     threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
     return {
         **os.environ,
+        **handed,
         MODE_ENV: "local",
         "RANK": str(rank),
         "WORLD_SIZE": str(size),
@@ -238,17 +288,22 @@ def worker_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "pcam_pipeline.cli", *argv]
 
 
-def launch_local(size: int, argv: Sequence[str]) -> int:
+def launch_local(size: int, argv: Sequence[str], handed: Mapping[str, str]) -> int:
+    """`size` workers on this machine, each given the variables in `handed`."""
     port = free_port()
     log.info("launching %d local training workers (rendezvous 127.0.0.1:%d)", size, port)
     return run_workers(
-        [(worker_command(argv), worker_environment(rank, size, port)) for rank in range(size)]
+        [
+            (worker_command(argv), worker_environment(rank, size, port, handed))
+            for rank in range(size)
+        ]
     )
 
 
-def launch_srun(argv: Sequence[str]) -> int:
+def launch_srun(argv: Sequence[str], handed: Mapping[str, str]) -> int:
     """One worker per task of the Slurm allocation, through `srun` (which places them on the
-    allocation's nodes and binds their GPUs); the rendezvous on the step's first node."""
+    allocation's nodes and binds their GPUs, and passes them this environment with `handed`
+    added); the rendezvous on the step's first node."""
     if shutil.which("srun") is None:
         raise DistributedError(
             f"this Slurm allocation has {os.environ.get('SLURM_NTASKS')} tasks, but `srun` is not "
@@ -256,7 +311,7 @@ def launch_srun(argv: Sequence[str]) -> int:
             "the image (unset PCAM_SIF, the venv route); on one node ask for one task and its "
             "GPUs (--ntasks=1 --gpus=4: train.devices auto starts a worker per GPU)"
         )
-    env = {**os.environ, MODE_ENV: "srun"}
+    env = {**os.environ, **handed, MODE_ENV: "srun"}
     env.setdefault(PORT_ENV, str(rendezvous_port(env)))
     # --overlap: the batch step (dvc, this launcher) keeps its share while the workers run.
     command = ["srun", "--overlap", "--wait=600", *worker_command(argv)]

@@ -7,6 +7,8 @@ dotted path, what was found, and what is allowed, so a typo in params.yaml (or i
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pcam_pipeline.paths import PARAMS_FILE
 
 SYNTHETIC_INPUT = "src/pcam_pipeline/data/synthetic.py"
+# A launcher (distributed.launch) hands the params it validated to the training workers it
+# starts, as JSON in this variable: every worker trains with exactly those, whichever file they
+# came from, and no file has to be written where every node can read it.
+LAUNCHED_PARAMS_ENV = "PCAM_LAUNCHED_PARAMS"
 
 
 class ParamsError(ValueError):
@@ -122,6 +128,9 @@ class TrainParams(_Section):
     warmup_epochs: int = Field(ge=0)
     step_size: int = Field(gt=0)
     gamma: float = Field(gt=0, le=1)
+    # plateau: epochs in a row without a new best val_loss before each decay. The default is
+    # for checkpoints written before the key existed (they were trained with 1).
+    plateau_patience: int = Field(default=1, ge=1)
     grad_clip: float = Field(ge=0)  # 0 turns clipping off
     balanced_sampler: bool
     augment: AugmentParams
@@ -229,3 +238,11 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(raw, str(path))
+
+
+def launched_params(environ: Mapping[str, str]) -> Params | None:
+    """The params a launcher handed this training worker, or None when none started it."""
+    text = environ.get(LAUNCHED_PARAMS_ENV)
+    if text is None:
+        return None
+    return parse_params(json.loads(text), f"${LAUNCHED_PARAMS_ENV} (set by the launcher)")

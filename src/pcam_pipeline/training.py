@@ -48,6 +48,9 @@ SUM_KEYS = ("loss", "correct", "seen", "grad_norm", "steps")
 PROGRESS_SECONDS = 2.0  # a progress bar reads the device's sums at most this often
 
 
+# --- the learning-rate schedule ----------------------------------------------------------------
+
+
 def lr_factor(params: TrainParams, step: int, steps_per_epoch: int) -> float:
     """Multiplier of train.lr at a global step: warm-up, then the chosen schedule."""
     total = params.epochs * steps_per_epoch
@@ -64,7 +67,38 @@ def lr_factor(params: TrainParams, step: int, steps_per_epoch: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
     if params.schedule == "step":
         return params.gamma ** ((step - warmup) // (params.step_size * steps_per_epoch))
-    return 1.0  # constant, and plateau (whose decay is applied per epoch)
+    return 1.0  # constant, and plateau (whose decay is the Plateau's scale, set per epoch)
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """The plateau schedule between epochs: the factor it has decayed train.lr by so far, and
+    how many epochs in a row val_loss has not improved on the best before it."""
+
+    scale: float = 1.0
+    bad_epochs: int = 0
+
+    def after_epoch(self, params: TrainParams, val_loss: float, earlier: list[float]) -> Plateau:
+        """The state for the next epoch, given this epoch's val_loss and the earlier epochs'.
+
+        After train.plateau_patience epochs in a row without a new best, train.lr is decayed by
+        train.gamma and the count starts again. Other schedules never decay.
+        """
+        if params.schedule != "plateau":
+            return self
+        if not earlier or not val_loss >= min(earlier):  # a new best (NaN never counts as bad)
+            return Plateau(self.scale, 0)
+        if self.bad_epochs + 1 < params.plateau_patience:
+            return Plateau(self.scale, self.bad_epochs + 1)
+        return Plateau(self.scale * params.gamma, 0)
+
+
+def learning_rate(params: TrainParams, step: int, steps_per_epoch: int, plateau: Plateau) -> float:
+    """train.lr at a global step: the schedule's factor, then the plateau decay so far."""
+    return params.lr * lr_factor(params, step, steps_per_epoch) * plateau.scale
+
+
+# --- the step and the epoch -----------------------------------------------------------------------
 
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
@@ -331,6 +365,27 @@ def shard_positions(length: int, batch_size: int, world: World) -> tuple[torch.T
     return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)), sizes
 
 
+class EpochBar:
+    """An epoch's progress bar, on worker 0 in a terminal. It shows the running loss, read from
+    the device at most every PROGRESS_SECONDS: reading it waits for the device."""
+
+    def __init__(self, description: str, steps: int, start: int, world: World) -> None:
+        disable = None if world.is_main else True  # None: tqdm shows it on a terminal only
+        self.bar = tqdm(total=steps, initial=start, leave=False, desc=description, disable=disable)
+        self.shown, self.last_shown = start, time.monotonic()
+
+    def show(self, batch: int, sums: RunningSums) -> None:
+        if self.bar.disable or time.monotonic() - self.last_shown < PROGRESS_SECONDS:
+            return
+        read = sums.read()
+        self.bar.set_postfix(loss=f"{read['loss'] / max(read['seen'], 1):.4f}")
+        self.bar.update(batch - self.shown)
+        self.shown, self.last_shown = batch, time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Loop:
     """A model, its optimiser and its step, fed from a split: the epoch `pcam train` runs.
 
@@ -377,7 +432,7 @@ class Loop:
         epoch: int,
         start_batch: int,
         sums: RunningSums,
-        lr_scale: float = 1.0,
+        plateau: Plateau = Plateau(),
         should_stop: Callable[[], bool] = lambda: False,
     ) -> int:
         """Train from `start_batch` of `epoch` to the epoch's end, or until `should_stop()`
@@ -394,22 +449,15 @@ class Loop:
         if codes is not None:
             codes = codes.pin_memory() if self.device.type == "cuda" else codes
             codes = codes.to(self.device, non_blocking=True)
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=start_batch,
-            leave=False,
-            desc=f"epoch {epoch + 1}/{tp.epochs}",
-            disable=None if world.is_main else True,
-        )
+        bar = EpochBar(f"epoch {epoch + 1}/{tp.epochs}", self.steps_per_epoch, start_batch, world)
         debug = log.isEnabledFor(logging.DEBUG)
-        shown, last_shown = start_batch, time.monotonic()
         batch = start_batch
         try:
             for x, y in self.feeder.batches(order, batch_size, start_batch):
                 if batch >= self.steps_per_epoch:
                     break  # a dropped last batch (see shard_positions)
                 step = epoch * self.steps_per_epoch + batch
-                lr = tp.lr * lr_factor(tp, step, self.steps_per_epoch) * lr_scale
+                lr = learning_rate(tp, step, self.steps_per_epoch, plateau)
                 start = batch * batch_size
                 part = None if codes is None else codes[start : start + len(y)]
                 global_size = None if global_sizes is None else global_sizes[batch]
@@ -424,11 +472,7 @@ class Loop:
                         self.steps_per_epoch,
                         total.item() / len(y),
                     )
-                if not bar.disable and time.monotonic() - last_shown >= PROGRESS_SECONDS:
-                    read = sums.read()
-                    bar.set_postfix(loss=f"{read['loss'] / max(read['seen'], 1):.4f}")
-                    bar.update(batch - shown)
-                    shown, last_shown = batch, time.monotonic()
+                bar.show(batch, sums)
                 if should_stop():
                     break
         finally:

@@ -240,7 +240,7 @@ def test_usr1_mid_training_requeues_and_resumes_to_the_uninterrupted_result(
     job = ws.submit("repro", **same_threads())
     log_path = ws.log(f"pcam-repro-{job}.out")
     # Epoch 1 of the default run is done: the signal lands mid-training.
-    wait_for_line(log_path, r"stages\.train: epoch 1:", 1200, ws.cluster, job)
+    wait_for_line(log_path, r"pcam_pipeline\.trainer: epoch 1:", 1200, ws.cluster, job)
     run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
     record = ws.cluster.wait(job, timeout=1200, log=log_path)
     log = log_path.read_text()
@@ -271,7 +271,7 @@ def test_a_two_task_job_trains_on_both_workers_and_requeues_on_usr1(
     ws = untrained_workspace
     job = ws.submit("--ntasks=2", "--gpus=2", "repro", OMP_NUM_THREADS="1")
     log_path = ws.log(f"pcam-repro-{job}.out")
-    wait_for_line(log_path, r"stages\.train: epoch 1:", 1200, ws.cluster, job)
+    wait_for_line(log_path, r"pcam_pipeline\.trainer: epoch 1:", 1200, ws.cluster, job)
     run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
     record = ws.cluster.wait(job, timeout=1200, log=log_path)
     log = log_path.read_text()

@@ -7,8 +7,9 @@ directory on sys.path), so that `pcam_pipeline` below is that version's, not thi
     PYTHONPATH=OLD/src python -P baseline_epoch.py OLD/params.yaml '[64, 256, 1024]' 200
 
 `python -m` cannot do it: it would find this version's package first. So nothing else of this
-version is imported; the file runs against any version with `stages.train.Trainer(params)` and
-`Trainer.train_epoch(stop)`. Prints one line per batch size, then `BASELINE-ALL <json rows>`.
+version is imported; the file runs against any version with a `Trainer(params)` (in `trainer`,
+or in `stages.train` before it moved) and `Trainer.train_epoch(stop)`. Prints one line per
+batch size, then `BASELINE-ALL <json rows>`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ import torch
 
 from pcam_pipeline.params import load_params
 from pcam_pipeline.preemption import Preempted
-from pcam_pipeline.stages import train as stage
+
+try:
+    from pcam_pipeline.trainer import Trainer
+except ImportError:  # a version from before the run moved below the stage
+    from pcam_pipeline.stages.train import Trainer  # type: ignore[no-redef]
 
 WARM_STEPS = 20
 
@@ -64,7 +69,7 @@ def time_batch_size(params: Any, batch_size: int, steps: int) -> dict[str, float
     update = {"batch_size": batch_size, "device": "cuda", "bf16": True}
     at_size = params.model_copy(update={"train": params.train.model_copy(update=update)})
     stop = StopAfter(WARM_STEPS, steps)
-    trainer = stage.Trainer(at_size)
+    trainer = Trainer(at_size)
     with contextlib.suppress(Preempted):  # the stop it asked for, after `steps` steps
         trainer.train_epoch(stop)
     return {"batch_size": batch_size, "img_s": steps * batch_size / (stop.ended - stop.started)}

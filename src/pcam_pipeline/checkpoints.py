@@ -1,0 +1,220 @@
+"""What a training checkpoint holds and when a run may resume from one.
+
+A checkpoint is plain data and tensors (loadable with `weights_only`): the model and optimiser
+state, the loop's `Progress`, every global random generator's state, and the fingerprint of what
+the weights depend on. A run resumes from models/last.pt only when the fingerprint matches and
+the run it holds is unfinished; one that cannot be loaded is moved aside, never deleted. Where
+and when a checkpoint was made goes to a provenance record beside it, which no DVC hash sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pcam_pipeline import distributed
+from pcam_pipeline.distributed import World
+from pcam_pipeline.errors import DamagedCheckpoint, PipelineError, RefusedCheckpoint
+from pcam_pipeline.params import Params, TrainParams
+from pcam_pipeline.repro import (
+    load_checkpoint,
+    md5_file,
+    move_aside,
+    package_versions,
+    run_record,
+    save_checkpoint,
+    write_json,
+)
+from pcam_pipeline.runtime import cpu_numerics_record
+from pcam_pipeline.training import SUM_KEYS
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 1
+
+# Train keys added after checkpoints of this format were first written, at the value that gives
+# the behaviour from before they existed. A checkpoint records such a key only when it differs,
+# so earlier checkpoints still resume and a run's bytes (dvc.lock's hashes) stay what they were.
+LATER_TRAIN_KEYS: dict[str, Any] = {"plateau_patience": 1}
+
+
+def recorded_train_params(train: TrainParams) -> dict[str, Any]:
+    """The train params as a checkpoint and its fingerprint record them (see LATER_TRAIN_KEYS)."""
+    return {
+        key: value
+        for key, value in train.model_dump().items()
+        if key not in LATER_TRAIN_KEYS or value != LATER_TRAIN_KEYS[key]
+    }
+
+
+def recorded_params(params: Params) -> dict[str, Any]:
+    """Every params section, as a checkpoint records it: what `pcam predict` rebuilds from."""
+    return {**params.as_dict(), "train": recorded_train_params(params.train)}
+
+
+def fingerprint(params: Params, data_md5: dict[str, str], order: str) -> str:
+    """What a resumable checkpoint must match: training-relevant params, the data and the order.
+
+    `order` is how the train split is visited (held in memory, or streamed in blocks of a given
+    size): the two give different epoch orders, and which one is used depends on the memory
+    available, so a run may only resume into the same one.
+    """
+    relevant = {"train": recorded_train_params(params.train), "data": data_md5, "order": order}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Progress:
+    """The loop's position and running sums: everything besides the tensors that a resume needs.
+
+    Its fields, in this order, are the checkpoint's `progress`: a new one changes every
+    checkpoint's bytes."""
+
+    epoch: int = 0
+    batch: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_KEYS, 0.0))
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    plateau_scale: float = 1.0
+    plateau_bad_epochs: int = 0
+    complete: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's full state, as tensors and plain data (loadable weights_only)."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state.get("numpy")
+    if isinstance(numpy_state, dict):
+        np.random.set_state(
+            (
+                "MT19937",
+                numpy_state["key"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
+    if "python" in state:
+        python = state["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointSetAside(PipelineError):
+    """models/last.pt could not be loaded; it was moved aside (kept), so the next run starts
+    afresh instead of failing the same way forever."""
+
+
+def set_aside(path: Path, error: DamagedCheckpoint | RefusedCheckpoint) -> CheckpointSetAside:
+    """Move the unloadable checkpoint `path` aside, under a name that says why; the error to
+    raise."""
+    if isinstance(error, RefusedCheckpoint):
+        moved, what = move_aside(path, "refused"), f"{path}: {error.reason}"
+    else:
+        moved, what = move_aside(path, "damaged"), f"{path} was damaged ({error.reason})"
+    log.warning("%s; moved it to %s (kept: inspect or delete it)", what, moved)
+    return CheckpointSetAside(
+        f"{what}; moved to {moved}; run the stage again (`dvc repro`) to train afresh"
+    )
+
+
+def try_resume(path: Path, expected: str) -> dict[str, Any] | None:
+    """The checkpoint in `path` if it is an unfinished run of these params on this data.
+
+    One that cannot be loaded (cut short by an interrupted copy, or refused: it holds objects
+    other than tensors and plain data) would fail every later run: it is moved aside and the
+    stage fails saying so (CheckpointSetAside).
+    """
+    if not path.exists():
+        return None
+    try:
+        checkpoint = load_checkpoint(path)
+    except (DamagedCheckpoint, RefusedCheckpoint) as error:
+        raise set_aside(path, error) from None
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        log.info(
+            "%s has checkpoint format %s, this code writes %s: starting afresh",
+            path,
+            checkpoint.get("format"),
+            CHECKPOINT_FORMAT,
+        )
+        return None
+    if checkpoint.get("fingerprint") != expected:
+        log.info("%s is from other params or data: starting afresh", path)
+        return None
+    if checkpoint["progress"]["complete"]:
+        log.info("%s is a finished run: starting afresh", path)
+        return None
+    return checkpoint
+
+
+def resume_point(path: Path, expected: str, world: World) -> dict[str, Any] | None:
+    """`try_resume` for every worker: worker 0 judges the file (moving a damaged one aside) and
+    the others follow its verdict, so none races it to the file and none is left waiting in a
+    collective for a worker that failed."""
+    if not world.distributed:
+        return try_resume(path, expected)
+    checkpoint, verdict = None, "afresh"
+    if world.is_main:
+        try:
+            checkpoint = try_resume(path, expected)
+        except CheckpointSetAside as error:
+            verdict = str(error)
+        else:
+            verdict = "afresh" if checkpoint is None else "resume"
+    verdict = distributed.broadcast(verdict)
+    if verdict not in ("afresh", "resume"):
+        raise CheckpointSetAside(verdict)
+    if verdict == "afresh":
+        return None
+    return checkpoint if world.is_main else load_checkpoint(path)
+
+
+def save_with_record(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint, then `<name>.provenance.json` beside it: the commit, host, time and
+    job that made it, with the checkpoint's md5. The record is not a DVC output, so where and
+    when a run happened never changes the hashes in dvc.lock."""
+    save_checkpoint(path, checkpoint)
+    record = {
+        "checkpoint": path.name,
+        "md5": md5_file(path),
+        **run_record(),
+        "device": checkpoint["provenance"]["device"],
+        "versions": package_versions(),
+        "cpu": cpu_numerics_record(),
+    }
+    write_json(provenance_path(path), record)
+
+
+def provenance_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.provenance.json")

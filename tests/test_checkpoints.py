@@ -1,0 +1,125 @@
+"""checkpoints: when a run resumes, what the fingerprint covers, the random generators' state,
+and checkpoints that are refused or set aside."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pcam_pipeline.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointSetAside,
+    fingerprint,
+    recorded_params,
+    rng_state,
+    set_rng_state,
+    try_resume,
+)
+from pcam_pipeline.errors import RefusedCheckpoint
+from pcam_pipeline.params import TrainParams
+from pcam_pipeline.repro import load_checkpoint, save_checkpoint
+from tests.tiny_pipeline import small_run_params, tiny_data, trained_run
+
+__all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
+
+
+def test_resume_only_matching_unfinished_checkpoints(trained_run, tmp_path):
+    finished = load_checkpoint(trained_run / "models" / "last.pt")
+    assert finished["progress"]["complete"]
+    expected = finished["fingerprint"]
+    path = tmp_path / "last.pt"
+
+    save_checkpoint(path, finished)
+    assert try_resume(path, expected) is None, "a finished run starts afresh"
+    unfinished = {**finished, "progress": {**finished["progress"], "complete": False}}
+    save_checkpoint(path, unfinished)
+    assert try_resume(path, expected) is not None
+    assert try_resume(path, "0" * 64) is None, "other params or data start afresh"
+    save_checkpoint(path, {**unfinished, "format": CHECKPOINT_FORMAT + 1})
+    assert try_resume(path, expected) is None, "another checkpoint format starts afresh"
+    assert try_resume(tmp_path / "absent.pt", expected) is None
+
+
+def test_fingerprint_covers_train_params_data_and_order():
+    params, data = small_run_params(), {"train.h5": "a" * 32}
+    base = fingerprint(params, data, "memory")
+    assert base == fingerprint(small_run_params(), dict(data), "memory")
+    assert base != fingerprint(small_run_params(train={"lr": 0.001}), data, "memory")
+    assert base != fingerprint(params, {"train.h5": "b" * 32}, "memory")
+    assert base != fingerprint(params, data, "stream:512")
+    # evaluate-only params do not invalidate a half-finished training run
+    assert base == fingerprint(small_run_params(evaluate={"n_slices": 8}), data, "memory")
+
+
+def test_a_key_added_later_is_recorded_only_away_from_its_earlier_value():
+    # plateau_patience came after checkpoints of this format: at 1, what they were trained with,
+    # the record and the fingerprint are what they were before it existed, so those checkpoints
+    # still resume and a default run writes the same bytes.
+    params, data = small_run_params(), {"train.h5": "a" * 32}
+    assert params.train.plateau_patience == 1
+    assert "plateau_patience" not in recorded_params(params)["train"]
+    earlier = {k: v for k, v in params.train.model_dump().items() if k != "plateau_patience"}
+    relevant = {"train": earlier, "data": data, "order": "memory"}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    assert fingerprint(params, data, "memory") == digest
+    # ...a record without it reads back as patience 1 (`pcam predict` rebuilds from it)...
+    assert TrainParams.model_validate(recorded_params(params)["train"]) == params.train
+    # ...and any other value is recorded, and is another run.
+    patient = small_run_params(train={"plateau_patience": 2})
+    assert recorded_params(patient)["train"]["plateau_patience"] == 2
+    assert fingerprint(patient, data, "memory") != digest
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.normal()  # leaves a cached gaussian and a mid-stream position behind
+    save_checkpoint(tmp_path / "rng.pt", {"rng": rng_state()})
+
+    def draws() -> tuple:
+        return torch.rand(3).tolist(), np.random.normal(size=3).tolist(), random.random()
+
+    expected = draws()
+    draws()
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draws() == expected
+
+
+class CodeInPickle:
+    """Unpickling this runs a shell command: what a tampered checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_loading_refuses_a_pickle_with_code(tmp_path):
+    # The payload is live: an unrestricted load does run it.
+    proof = tmp_path / "unsafe-load-ran"
+    torch.save({"model": CodeInPickle(proof)}, tmp_path / "proof.pt")
+    torch.load(tmp_path / "proof.pt", weights_only=False)
+    assert proof.exists()
+
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": CodeInPickle(marker), "format": 1}, tmp_path / "evil.pt")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"model": CodeInPickle(marker)}, protocol=2))
+    for name in ("evil.pt", "evil.pkl"):  # torch's zip format and a bare legacy pickle
+        with pytest.raises(RefusedCheckpoint, match="refused to load"):
+            load_checkpoint(tmp_path / name)
+        evil = (tmp_path / name).read_bytes()
+        with pytest.raises(CheckpointSetAside, match=r"refused to load.*moved to"):
+            try_resume(tmp_path / name, "any")
+        [moved] = tmp_path.glob(f"{name}.refused-*")  # kept, under a name that says why
+        assert moved.read_bytes() == evil and not (tmp_path / name).exists()
+    assert not marker.exists(), "the checkpoint's code ran"
