@@ -3,8 +3,6 @@ and checkpoints that are refused or set aside."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import random
@@ -13,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pcam_pipeline.checkpoints import (
     CHECKPOINT_FORMAT,
+    TRAINED_SECTIONS,
     CheckpointSetAside,
     fingerprint,
     recorded_params,
@@ -26,6 +26,7 @@ from pcam_pipeline.checkpoints import (
 from pcam_pipeline.errors import RefusedCheckpoint
 from pcam_pipeline.params import TrainParams
 from pcam_pipeline.repro import load_checkpoint, save_checkpoint
+from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import small_run_params, tiny_data, trained_run
 
 __all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
@@ -59,23 +60,20 @@ def test_fingerprint_covers_train_params_data_and_order():
     assert base == fingerprint(small_run_params(evaluate={"n_slices": 8}), data, "memory")
 
 
-def test_a_key_added_later_is_recorded_only_away_from_its_earlier_value():
-    # plateau_patience came after checkpoints of this format: at 1, what they were trained with,
-    # the record and the fingerprint are what they were before it existed, so those checkpoints
-    # still resume and a default run writes the same bytes.
-    params, data = small_run_params(), {"train.h5": "a" * 32}
-    assert params.train.plateau_patience == 1
-    assert "plateau_patience" not in recorded_params(params)["train"]
-    earlier = {k: v for k, v in params.train.model_dump().items() if k != "plateau_patience"}
-    relevant = {"train": earlier, "data": data, "order": "memory"}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-    assert fingerprint(params, data, "memory") == digest
-    # ...a record without it reads back as patience 1 (`pcam predict` rebuilds from it)...
+def test_a_checkpoint_records_the_params_the_train_stage_declares():
+    # The sections its weights depend on, the same as dvc.yaml's train params: another stage's
+    # params never change a checkpoint's bytes, and none that matters is left out.
+    declared = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["train"]["params"]
+    assert sorted(TRAINED_SECTIONS) == sorted(declared)
+    params = small_run_params()
+    assert recorded_params(params) == {s: params.as_dict()[s] for s in TRAINED_SECTIONS}
+    assert recorded_params(small_run_params(evaluate={"n_slices": 8})) == recorded_params(params)
+    # `pcam predict` rebuilds the model from the record.
     assert TrainParams.model_validate(recorded_params(params)["train"]) == params.train
-    # ...and any other value is recorded, and is another run.
-    patient = small_run_params(train={"plateau_patience": 2})
-    assert recorded_params(patient)["train"]["plateau_patience"] == 2
-    assert fingerprint(patient, data, "memory") != digest
+    # Another CPU numerics setting is another run: it does not resume this one.
+    data = {"train.h5": "a" * 32}
+    native = small_run_params(cpu={"numerics": "native"})
+    assert fingerprint(native, data, "memory") != fingerprint(params, data, "memory")
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):

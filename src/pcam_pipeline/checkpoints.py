@@ -23,7 +23,7 @@ import torch
 from pcam_pipeline import distributed
 from pcam_pipeline.distributed import World
 from pcam_pipeline.errors import DamagedCheckpoint, PipelineError, RefusedCheckpoint
-from pcam_pipeline.params import Params, TrainParams
+from pcam_pipeline.params import Params
 from pcam_pipeline.repro import (
     load_checkpoint,
     md5_file,
@@ -39,34 +39,33 @@ from pcam_pipeline.training import SUM_KEYS
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
-# Train keys added after checkpoints of this format were first written, at the value that gives
-# the behaviour from before they existed. A checkpoint records such a key only when it differs,
-# so earlier checkpoints still resume and a run's bytes (dvc.lock's hashes) stay what they were.
-LATER_TRAIN_KEYS: dict[str, Any] = {"plateau_patience": 1}
-
-
-def recorded_train_params(train: TrainParams) -> dict[str, Any]:
-    """The train params as a checkpoint and its fingerprint record them (see LATER_TRAIN_KEYS)."""
-    return {
-        key: value
-        for key, value in train.model_dump().items()
-        if key not in LATER_TRAIN_KEYS or value != LATER_TRAIN_KEYS[key]
-    }
+# The params sections the weights depend on: the train stage's params in dvc.yaml (a test holds
+# the two together). A checkpoint records these and no others, so editing another stage's
+# params (evaluate's, the benchmark's) never changes a checkpoint's bytes.
+TRAINED_SECTIONS = ("cpu", "train", "loader")
 
 
 def recorded_params(params: Params) -> dict[str, Any]:
-    """Every params section, as a checkpoint records it: what `pcam predict` rebuilds from."""
-    return {**params.as_dict(), "train": recorded_train_params(params.train)}
+    """The params sections a checkpoint records: what its weights depend on, and what `pcam
+    predict` rebuilds the model from."""
+    everything = params.as_dict()
+    return {section: everything[section] for section in TRAINED_SECTIONS}
 
 
 def fingerprint(params: Params, data_md5: dict[str, str], order: str) -> str:
-    """What a resumable checkpoint must match: training-relevant params, the data and the order.
+    """What a resumable checkpoint must match: the train and cpu params, the data and the order.
 
     `order` is how the train split is visited (held in memory, or streamed in blocks of a given
     size): the two give different epoch orders, and which one is used depends on the memory
-    available, so a run may only resume into the same one.
+    available, so a run may only resume into the same one. The CPU numerics are in it because a
+    run resumed with other kernels would end in weights neither setting gives.
     """
-    relevant = {"train": recorded_train_params(params.train), "data": data_md5, "order": order}
+    relevant = {
+        "train": params.train.model_dump(),
+        "cpu": params.cpu.model_dump(),
+        "data": data_md5,
+        "order": order,
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
