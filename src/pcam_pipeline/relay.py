@@ -130,7 +130,8 @@ def exit_status(child: subprocess.Popen[bytes], timeout: float) -> int | None:
 def run(command: Sequence[str], stop_file: Path) -> int:
     """Run `command`, relaying a stop request written to `stop_file`; its exit status."""
     child = subprocess.Popen(command)
-    delivered, not_ready = False, set[int]()
+    delivered = False
+    not_ready: set[int] = set()
     while (status := exit_status(child, POLL_SECONDS)) is None:
         if not delivered and stop_requested(stop_file):
             delivered = forward_stop(not_ready)
