@@ -12,37 +12,12 @@ set -euo pipefail
 MODELS=(Haswell-v4 EPYC-Rome)
 QEMU=qemu-x86_64
 
-die() {
-    echo "cross-cpu.sh: error: $*" >&2
-    exit 1
-}
-log() { echo "cross-cpu.sh: $*" >&2; }
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
     sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
-}
-
-apt_get() {
-    # apt may be locked by another install on a shared machine: retry for up to ~2 minutes.
-    local try err
-    err="$(mktemp)"
-    for try in $(seq 1 40); do
-        if DEBIAN_FRONTEND=noninteractive apt-get "$@" 2>"$err"; then
-            rm -f "$err"
-            return 0
-        fi
-        if grep -qiE 'could not get lock|unable to acquire the dpkg|is another process using it' "$err"; then
-            [[ $try -eq 1 ]] && log "apt is locked by another process; retrying..."
-            sleep 3
-            continue
-        fi
-        cat "$err" >&2
-        rm -f "$err"
-        return 1
-    done
-    rm -f "$err"
-    die "apt stayed locked for 2 minutes; retry when the other apt-get/dpkg run has finished."
 }
 
 cmd_install() {
@@ -53,11 +28,7 @@ cmd_install() {
     [[ $(id -u) -eq 0 ]] || die "install runs apt-get: run it as root (or: sudo apt-get install qemu-user)."
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install qemu-user (qemu-x86_64) with your package manager."
     log "installing qemu-user..."
-    if ! apt_get install -y --no-install-recommends qemu-user; then
-        log "install failed; running apt-get update once and retrying..."
-        apt_get update
-        apt_get install -y --no-install-recommends qemu-user
-    fi
+    apt_install qemu-user
     command -v "$QEMU" >/dev/null 2>&1 || die "qemu-user installed but $QEMU is not on PATH."
     log "installed $("$QEMU" --version | head -n 1)."
 }

@@ -21,17 +21,8 @@
 # The Python interpreter is $PCAM_PYTHON, else the project's .venv, else python3.
 set -euo pipefail
 
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-
-usage() {
-    # The comment block at the top of this file, without the '# '.
-    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
-}
-
-die() {
-    echo "s3-server.sh: error: $*" >&2
-    exit 1
-}
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 cmd="${1:-}"
 [[ -n "$cmd" ]] || { usage >&2; exit 2; }
@@ -65,8 +56,9 @@ case "$host" in
     *) die "--host $host is not a loopback address: this test server has no authentication \
 worth the name and must listen on 127.0.0.1 (or ::1) only" ;;
 esac
-[[ "$port" =~ ^[0-9]+$ ]] && (( port > 0 && port < 65536 )) \
-    || die "--port '$port' is not a TCP port number (1-65535)"
+if ! [[ "$port" =~ ^[0-9]+$ ]] || (( port < 1 || port > 65535 )); then
+    die "--port '$port' is not a TCP port number (1-65535)"
+fi
 [[ "$bucket" =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] \
     || die "--bucket '$bucket' is not a valid S3 bucket name (3-63 characters: a-z 0-9 . -)"
 
@@ -75,13 +67,8 @@ pid_file="$state_dir/server.pid"
 log_file="$state_dir/server.log"
 cred_file="$state_dir/credentials.env"
 
-if [[ -n "${PCAM_PYTHON:-}" ]]; then
-    python="$PCAM_PYTHON"
-elif [[ -x "$repo_root/.venv/bin/python" ]]; then
-    python="$repo_root/.venv/bin/python"
-else
-    python="$(command -v python3 || true)"
-fi
+python="$(project_python)"
+helper="$scripts_dir/s3-server.py"
 [[ -n "$python" && -x "$python" ]] || die "no Python interpreter found: run 'make setup' first"
 
 # PID of the running server, or nothing. A PID file whose process is gone, is a zombie or is not
@@ -103,14 +90,11 @@ start() {
     pid="$(running_pid)"
     [[ -z "$pid" ]] || die "a server is already running (PID $pid, state $state_dir): \
 run 'scripts/s3-server.sh stop --port $port' first"
-    "$python" -c "import moto.server, boto3, flask" 2>/dev/null \
+    "$python" "$helper" installed 2>/dev/null \
         || die "moto[server] is not installed for $python: run 'make setup' \
 (requirements.lock pins moto[server]) or set PCAM_PYTHON to an interpreter that has it"
-    "$python" - "$host" "$port" <<'EOF' || die "port $port on $host is already in use: pick another --port"
-import socket, sys
-with socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET) as s:
-    sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) != 0 else 1)
-EOF
+    "$python" "$helper" port-free "$host" "$port" \
+        || die "port $port on $host is already in use: pick another --port"
 
     mkdir -p "$state_dir"
     chmod 700 "$state_dir"
@@ -120,56 +104,10 @@ EOF
     pid=$!
     echo "$pid" >"$pid_file"
 
-    if ! "$python" - "$host" "$port" "$bucket" "$require_auth" "$public_read" "$cred_file" "$pid" <<'EOF'; then
-import json, os, sys, time, urllib.request
-
-host, port, bucket, require_auth, public_read, cred_file, pid = sys.argv[1:]
-endpoint = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-deadline = time.monotonic() + 60
-while True:
-    try:
-        with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2):
-            break
-    except OSError:
-        if not os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
-            sys.exit(f"the server did not come up on {endpoint}")
-        time.sleep(0.1)
-
-import boto3
-
-kw = dict(endpoint_url=endpoint, region_name="us-east-1",
-          aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
-s3 = boto3.client("s3", **kw)
-s3.create_bucket(Bucket=bucket)
-if public_read == "1":
-    # Anonymous GET of objects (what an HTTP mirror of the bucket needs); writes stay refused.
-    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Sid": "PublicRead", "Effect": "Allow", "Principal": "*",
-                       "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}],
-    }))
-if require_auth == "1":
-    iam = boto3.client("iam", **kw)
-    iam.create_user(UserName="pcam-dvc")
-    iam.put_user_policy(
-        UserName="pcam-dvc",
-        PolicyName="pcam-dvc-bucket",
-        PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:*",
-                           "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}],
-        }),
-    )
-    key = iam.create_access_key(UserName="pcam-dvc")["AccessKey"]
-    fd = os.open(cred_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"export AWS_ACCESS_KEY_ID={key['AccessKeyId']}\n")
-        f.write(f"export AWS_SECRET_ACCESS_KEY={key['SecretAccessKey']}\n")
-    # From now on every request must be signed by a known key.
-    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
-                                 headers={"Content-Type": "text/plain"})
-    urllib.request.urlopen(req, timeout=5).close()
-EOF
+    local setup=(setup "$host" "$port" "$bucket" --pid "$pid")
+    if (( public_read )); then setup+=(--public-read); fi
+    if (( require_auth )); then setup+=(--require-auth --credentials-file "$cred_file"); fi
+    if ! "$python" "$helper" "${setup[@]}"; then
         echo "---- $log_file ----" >&2
         tail -n 20 "$log_file" >&2 || true
         kill "$pid" 2>/dev/null || true

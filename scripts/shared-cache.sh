@@ -26,17 +26,8 @@
 #                    acquire lock"): when no dvc runs in this clone, remove .dvc/tmp/lock.
 set -euo pipefail
 
-project_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-
-usage() {
-    # The comment block at the top of this file, without the '# '.
-    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
-}
-
-die() {
-    echo "shared-cache.sh: error: $*" >&2
-    exit 1
-}
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 cache_dir=""
 group=""
@@ -94,13 +85,7 @@ fi
 echo "shared cache ready: $cache_dir ($(stat -c '%A %G' "$cache_dir"))"
 (( configure )) || exit 0
 
-if [[ -n "${PCAM_PYTHON:-}" ]]; then
-    dvc_bin="$(dirname "$PCAM_PYTHON")/dvc"
-elif [[ -x "$project_root/.venv/bin/dvc" ]]; then
-    dvc_bin="$project_root/.venv/bin/dvc"
-else
-    dvc_bin="$(command -v dvc || true)"
-fi
+dvc_bin="$(project_dvc)"
 [[ -n "$dvc_bin" && -x "$dvc_bin" ]] || die "dvc not found: run 'make setup' first"
 root="$("$dvc_bin" root 2>/dev/null)" \
     || die "not inside a DVC repository ($(pwd)): cd into your clone, then run this again"

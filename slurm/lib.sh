@@ -20,7 +20,6 @@
 #                       (default: <repo>/.pcam-work; must be visible from every node)
 #   PCAM_KEEP_WORKDIR=1 keep those clones after success (they are always kept after a failure)
 
-PCAM_PREEMPT_EXIT=75 # `pcam train` exits with this after saving models/last.pt on SIGUSR1/SIGTERM
 PCAM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 PCAM_DEVICE_ARGS=() # `-S train.device=cuda` on GPU partitions (pcam_gpu_check)
 
@@ -237,125 +236,41 @@ pcam_unstage_data() {
 # --- time limits: checkpoint, requeue ------------------------------------------------------------
 
 PCAM_STOP_SIGNAL=""
-PCAM_FORWARDED=0
+PCAM_STOP_FILE=""
 
-# True when PID is the `pcam train` process (python running the pcam console script or module);
-# shells (`sh -c "pcam train"`) and dvc itself are left alone: USR1 would kill them.
-_pcam_is_train() {
-    local -a argv
-    [[ -r /proc/$1/cmdline ]] || return 1
-    mapfile -d '' -t argv <"/proc/$1/cmdline" 2>/dev/null || return 1
-    ((${#argv[@]} >= 2)) || return 1
-    local i=1 prog=${argv[0]##*/}
-    if [[ $prog == python* ]]; then
-        while [[ ${argv[i]:-} == -* && ${argv[i]} != -m ]]; do i=$((i + 1)); done
-        if [[ ${argv[i]:-} == -m ]]; then
-            [[ ${argv[i + 1]:-} == pcam_pipeline* ]] || return 1
-            i=$((i + 2))
-        else
-            [[ ${argv[i]##*/} == pcam ]] || return 1
-            i=$((i + 1))
-        fi
-    elif [[ $prog != pcam ]]; then
-        return 1
-    fi
-    local a
-    for a in "${argv[@]:i}"; do [[ $a == train ]] && return 0; done
-    return 1
-}
-
-_pcam_descendants() {
-    local -A kids=()
-    local f line rest pid ppid
-    for f in /proc/[0-9]*/stat; do
-        { read -r line <"$f"; } 2>/dev/null || continue # the process may be gone already
-        pid=${line%% *}
-        rest=${line##*) }
-        ppid=${rest#* }
-        ppid=${ppid%% *}
-        kids[$ppid]+=" $pid"
-    done
-    local -a queue=("$1")
-    while ((${#queue[@]})); do
-        pid=${queue[0]}
-        queue=("${queue[@]:1}")
-        for f in ${kids[$pid]:-}; do
-            echo "$f"
-            queue+=("$f")
-        done
-    done
-}
-
-# _pcam_catches PID: whether PID has installed a handler for SIGUSR1 (bit 10-1 of SigCgt). A
-# `pcam train` that has started but not yet set its handler (Python still importing torch) would
-# be killed by the signal (exit 138) instead of checkpointing (exit 75): wait for the handler.
-_pcam_catches() {
-    local line mask
-    while read -r line; do
-        if [[ $line == SigCgt:* ]]; then
-            mask=${line#SigCgt:}
-            mask=${mask//[[:space:]]/}
-            (((16#$mask >> 9) & 1)) && return 0
-            return 1
-        fi
-    done <"/proc/$1/status" 2>/dev/null
-    return 1
-}
-
-# Send the stop signal to every `pcam train` under the job's command that is ready for it. Returns
-# 0 once it reached one, 1 if none runs yet (or none has its handler yet): try again later.
-_pcam_forward() {
-    local pid found=1
-    [[ -n ${PCAM_CHILD:-} ]] || return 1
-    for pid in $(_pcam_descendants "$PCAM_CHILD"); do
-        if _pcam_is_train "$pid"; then
-            if ! _pcam_catches "$pid"; then
-                pcam_log "training (pid $pid) has not set its SIG$PCAM_STOP_SIGNAL handler yet; retrying"
-                continue
-            fi
-            pcam_log "forwarding SIG$PCAM_STOP_SIGNAL to training (pid $pid): it saves models/last.pt and exits $PCAM_PREEMPT_EXIT"
-            kill -s "$PCAM_STOP_SIGNAL" "$pid" 2>/dev/null && found=0
-        fi
-    done
-    return "$found"
-}
-
-# The trap only records the signal: it may come at any moment (before the command has started,
-# between two commands, or before `wait` has begun), so the forwarding is done by the loop in
-# pcam_run_preemptible, which looks at least once a second.
+# The trap only notes the signal, in the file the relay watches (python -m pcam_pipeline.relay,
+# the parent of the command): the relay sends it to `pcam train` once training runs and has set
+# its handler. The signal may come at any moment: before the command has started, between two
+# stages, or while Python still imports torch.
 _pcam_on_signal() {
     PCAM_STOP_SIGNAL=$1
+    echo "$1" >"$PCAM_STOP_FILE"
     pcam_log "received SIG$1 (time limit near, or scancel --signal): stopping training at the next batch"
 }
 
-# pcam_run_preemptible CMD...: run CMD (in the runtime) so that SIGUSR1 to the batch shell
-# (#SBATCH --signal=B:USR1@secs, or `scancel --signal=USR1 --batch JOBID`) reaches training.
-# Sets PCAM_RC to the command's exit status and PCAM_STOP_SIGNAL if a signal came.
+# pcam_run_preemptible CMD...: run CMD (in the runtime, under the relay) so that SIGUSR1 to the
+# batch shell (#SBATCH --signal=B:USR1@secs, or `scancel --signal=USR1 --batch JOBID`) reaches
+# training. Sets PCAM_RC to the command's exit status and PCAM_STOP_SIGNAL if a signal came.
+# The relay is the checkout's (src/ on PYTHONPATH); with PCAM_USE_IMAGE_SRC=1 the image's.
 pcam_run_preemptible() {
     PCAM_STOP_SIGNAL=""
-    PCAM_FORWARDED=0
-    PCAM_CHILD=""
+    # In $TMPDIR: node-local, and bound into the image.
+    PCAM_STOP_FILE=$(mktemp "${TMPDIR:-/tmp}/pcam-stop.XXXXXX") ||
+        pcam_die "cannot create a file in TMPDIR='${TMPDIR:-/tmp}': set TMPDIR to a writable directory."
     trap '_pcam_on_signal USR1' USR1
-    pcam_run "$@" &
-    PCAM_CHILD=$!
-    local tick
-    while kill -0 "$PCAM_CHILD" 2>/dev/null; do
-        if [[ -n $PCAM_STOP_SIGNAL && $PCAM_FORWARDED == 0 ]] && _pcam_forward; then
-            PCAM_FORWARDED=1
-        fi
-        # Never block on the command itself: a signal that arrives just before a blocking `wait`
-        # would not interrupt it. A trapped signal ends this short wait at once.
+    pcam_run python -m pcam_pipeline.relay --stop-file "$PCAM_STOP_FILE" -- "$@" &
+    local child=$! tick
+    # Never block on the command itself: a signal that arrives just before a blocking `wait`
+    # would be noted only when the command ends. A trapped signal ends this short wait at once.
+    while kill -0 "$child" 2>/dev/null; do
         sleep 1 &
         tick=$!
         wait "$tick" 2>/dev/null || true
         kill "$tick" 2>/dev/null || true
     done
-    wait "$PCAM_CHILD" && PCAM_RC=0 || PCAM_RC=$?
+    wait "$child" && PCAM_RC=0 || PCAM_RC=$?
     trap - USR1
-    # A signal that came after training ended (e.g. during evaluate) stopped nothing.
-    if [[ -n $PCAM_STOP_SIGNAL && $PCAM_FORWARDED == 0 ]]; then
-        pcam_log "SIG$PCAM_STOP_SIGNAL came while no training ran: nothing was checkpointed"
-    fi
+    rm -f "$PCAM_STOP_FILE"
 }
 
 # pcam_finish_or_requeue WHAT: after pcam_run_preemptible. A stop signal followed by a failed
@@ -481,7 +396,7 @@ pcam_exp_job() {
                 pcam_log "checkpoint provenance: $submit/logs/$name/"
             fi
             if [[ ${PCAM_KEEP_WORKDIR:-0} != 1 ]]; then
-                cd "$submit"
+                cd "$submit" || pcam_die "cannot cd to $submit; the clone $work is kept."
                 rm -rf "$work"
             fi
             return 0

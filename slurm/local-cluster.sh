@@ -37,11 +37,8 @@ CONF=$ETC/slurm.conf
 PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge)
 BINARIES=(/usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged /usr/bin/sbatch /usr/bin/sacct)
 
-die() {
-    echo "local-cluster.sh: error: $*" >&2
-    exit 1
-}
-log() { echo "local-cluster.sh: $*" >&2; }
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh" # die, log, apt_install
 
 usage() {
     sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -50,27 +47,6 @@ usage() {
 
 need_root() {
     [[ $(id -u) -eq 0 ]] || die "'$1' must run as root (slurmd runs jobs as their users; munged runs as user munge)."
-}
-
-apt_get() {
-    # apt may be locked by another install on a shared machine: retry for up to ~2 minutes.
-    local try
-    for try in $(seq 1 40); do
-        if DEBIAN_FRONTEND=noninteractive apt-get "$@" 2>"$SLURM_DIR.apt.err"; then
-            rm -f "$SLURM_DIR.apt.err"
-            return 0
-        fi
-        if grep -qiE 'could not get lock|unable to acquire the dpkg|is another process using it' "$SLURM_DIR.apt.err"; then
-            [[ $try -eq 1 ]] && log "apt is locked by another process; retrying..."
-            sleep 3
-            continue
-        fi
-        cat "$SLURM_DIR.apt.err" >&2
-        rm -f "$SLURM_DIR.apt.err"
-        return 1
-    done
-    cat "$SLURM_DIR.apt.err" >&2
-    die "apt stayed locked for 2 minutes; retry when the other apt-get/dpkg run has finished."
 }
 
 installed() {
@@ -88,11 +64,7 @@ cmd_install() {
     mkdir -p "$(dirname "$SLURM_DIR")"
     log "installing ${PACKAGES[*]}..."
     # apt never starts the daemons here (no systemd / policy-rc.d); `start` does.
-    if ! apt_get install -y --no-install-recommends "${PACKAGES[@]}"; then
-        log "install failed; running apt-get update once and retrying..."
-        apt_get update
-        apt_get install -y --no-install-recommends "${PACKAGES[@]}"
-    fi
+    apt_install "${PACKAGES[@]}"
     installed || die "packages installed but ${BINARIES[*]} are not all present."
     log "installed $(/usr/sbin/slurmctld -V)."
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pcam_pipeline import relay
 from tests.conftest import REPO_ROOT
 
 SLURM = REPO_ROOT / "slurm"
@@ -216,7 +217,7 @@ def test_sweep_array_size_comes_from_the_grid(submit_env, tmp_path: Path):
     assert result.returncode != 0 and "has no task lines" in result.stderr
 
 
-# --- lib.sh: a stop signal reaches `pcam train`, and only it --------------------------------------
+# --- lib.sh and the relay: a stop signal reaches `pcam train`, and only it ------------------------
 
 FAKE_PCAM = """#!/usr/bin/env python3
 import os, signal, sys, time
@@ -268,6 +269,11 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> N
         time.sleep(0.01)
 
 
+def stop_requested(scratch: Path) -> bool:
+    """Whether lib.sh's trap has written the stop request for the relay."""
+    return any(f.stat().st_size > 0 for f in scratch.glob("pcam-stop.*"))
+
+
 def catches(pid: int, sig: signal.Signals) -> bool:
     """Whether process `pid` has a handler for `sig` (for bash: a `trap` is set), from /proc."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -281,20 +287,6 @@ def sleeping(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "S"
 
 
-def children(pid: int) -> list[str]:
-    """The command names (comm) of the processes whose parent is `pid`, from /proc."""
-    names = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # gone already
-            continue
-        comm, _, rest = text[text.index("(") + 1 :].rpartition(")")
-        if int(rest.split()[1]) == pid:
-            names.append(comm)
-    return names
-
-
 def run_harness(
     tmp_path: Path,
     delay: bool,
@@ -306,10 +298,15 @@ def run_harness(
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    for name, text in (("pcam", FAKE_PCAM), ("dvc", FAKE_DVC), ("scontrol", FAKE_SCONTROL)):
+    # The venv's python (this one, with its packages) runs the relay, pcam_pipeline.relay.
+    python = f'#!/bin/sh\nexec "{sys.executable}" "$@"\n'
+    fakes = {"pcam": FAKE_PCAM, "dvc": FAKE_DVC, "scontrol": FAKE_SCONTROL, "python": python}
+    for name, text in fakes.items():
         (venv / "bin" / name).write_text(text)
         (venv / "bin" / name).chmod(0o755)
     mark = tmp_path / "mark"
+    scratch = tmp_path / "scratch"  # the job's $TMPDIR, where lib.sh keeps the stop file
+    scratch.mkdir()
     env = {
         **os.environ,
         "LIB": str(SLURM / "lib.sh"),
@@ -323,6 +320,7 @@ def run_harness(
         "TRAIN_SECONDS": str(train_seconds),
         "PRELUDE": prelude,
         "HANDLER_DELAY": str(handler_delay),
+        "TMPDIR": str(scratch),
     }
     shell = subprocess.Popen(
         ["bash", "-c", HARNESS],
@@ -335,7 +333,7 @@ def run_harness(
         if not delay:  # mid-training
             wait_for(lambda: Path(f"{mark}.started").exists(), "fake training never started")
         else:  # before training: once the batch shell waits for the stage's command
-            # (lib.sh loses a USR1 that comes between its `trap` and its `wait`).
+            # (the trap is set only then: a USR1 to a shell without it would kill it).
             wait_for(
                 lambda: Path(f"{mark}.stage").exists() and sleeping(shell.pid),
                 "the stage never started, or the batch shell never waited for it",
@@ -343,11 +341,13 @@ def run_harness(
             assert catches(shell.pid, signal.SIGUSR1), "lib.sh has not trapped USR1"
         shell.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@secs does: to the batch shell
         if delay:
-            # Let training start once lib.sh has looked for it, found none, and sleeps before
-            # looking again (a process it signals before its handler is set would die of USR1).
-            wait_for(lambda: "sleep" in children(shell.pid), "lib.sh never waited for training")
+            # Let training start once the trap has written the request and the relay has looked
+            # for training at least once and found none.
+            wait_for(lambda: stop_requested(scratch), "the trap never wrote the stop request")
+            time.sleep(3 * relay.POLL_SECONDS)
             Path(f"{mark}.go").touch()
     out, _ = shell.communicate(timeout=60)
+    assert not list(scratch.glob("pcam-stop.*")), "the stop file was left behind"
     return subprocess.CompletedProcess(shell.args, shell.returncode, out, ""), mark
 
 
@@ -378,6 +378,8 @@ def test_requeues_are_bounded(tmp_path: Path):
 # --- the two races a reviewer found in pcam_run_preemptible ---------------------------------------
 # Each prelude makes the harness's own batch shell send itself USR1 at the exact moment of the race,
 # by wrapping a builtin lib.sh uses; training is held back by the gate until the signal was handled.
+# The relay makes both harmless by design (the trap only writes a file; the relay reads it whenever
+# training appears): these keep it so.
 
 # (a1) USR1 right after the trap is set, before the command (and PCAM_CHILD) exist. The old trap
 # looked for training under $PCAM_CHILD: "PCAM_CHILD: unbound variable" killed the batch shell.
@@ -422,7 +424,7 @@ def test_a_usr1_at_any_moment_still_reaches_training(tmp_path: Path, prelude: st
 
 def test_usr1_waits_for_the_training_handler(tmp_path: Path):
     """(b) Training has started but not yet set its USR1 handler (Python importing torch): a
-    signal forwarded then kills it (exit 138, nothing saved). lib.sh forwards only once
+    signal forwarded then kills it (exit 138, nothing saved). The relay forwards only once
     /proc/<pid>/status SigCgt has the USR1 bit, retrying until it has."""
     result, mark = run_harness(tmp_path, delay=False, send_signal=True, handler_delay=3)
     assert "has not set its SIGUSR1 handler yet; retrying" in result.stdout

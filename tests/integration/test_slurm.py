@@ -82,6 +82,16 @@ def untrained_workspace(
     return make_workspace(slurm_cluster, submit_repo, cache, tmp_path)
 
 
+# How lib.sh runs a command that training may be in: under the relay (pcam_pipeline.relay).
+RELAY = ["python", "-m", "pcam_pipeline.relay", "--stop-file"]
+
+
+def command(argv: list[str]) -> list[str]:
+    """What an `apptainer exec --nv --cleanenv --bind BINDS IMAGE ...` call ran, less the relay."""
+    ran = argv[6:]
+    return ran[ran.index("--") + 1 :] if ran[:4] == RELAY else ran
+
+
 def job_log(ws: Workspace, name: str, job_id: str) -> str:
     path = ws.log(f"{name}-{job_id}.out")
     assert path.exists(), f"no log {path}; logs/ has {sorted(p.name for p in ws.log('').glob('*'))}"
@@ -152,12 +162,15 @@ def test_repro_through_the_apptainer_standin_with_staged_data_matches_the_local_
     calls = [c for c in calls if c["argv"] != ["--version"]]
     prefix = ["exec", "--nv", "--cleanenv", "--bind"]
     assert all(c["argv"][:4] == prefix and c["argv"][5] == str(sif) for c in calls)
-    commands = [c["argv"][6:] for c in calls]
+    commands = [command(c["argv"]) for c in calls]
     assert commands[:2] == [["dvc", "cache", "dir"], ["dvc", "config", "core.site_cache_dir"]]
     assert ["dvc", "repro", "preprocess"] in commands  # staging
-    run_calls = [c for c in calls if c["argv"][6:9] == ["dvc", "exp", "run"]]
-    assert [c["argv"][9:] for c in run_calls] == [["-n", name]]  # not a GPU partition: no -S
+    run_calls = [c for c in calls if command(c["argv"])[:3] == ["dvc", "exp", "run"]]
+    assert [command(c["argv"])[3:] for c in run_calls] == [["-n", name]]  # not a GPU partition
     (run_call,) = run_calls
+    # Under the relay, which reads the stop request from the job's (bound) scratch directory.
+    assert run_call["argv"][6:10] == RELAY
+    assert Path(run_call["argv"][10]).parent == scratch
     binds = run_call["argv"][4].split(",")
     assert any(str(work) == b or str(work).startswith(f"{b}/") for b in binds)  # via the repo
     assert str(scratch) in binds and str(site_cache) in binds
@@ -229,28 +242,33 @@ def test_a_gpu_partition_job_fails_fast_when_the_image_has_no_cuda(
     calls = [json.loads(line)["argv"] for line in calls_log.read_text().splitlines()]
     check = [c for c in calls if c[-1].endswith("slurm/gpu-check.py")]
     assert check and check[0][:3] == ["exec", "--nv", "--cleanenv"]
-    assert not any(c[6:8] in (["dvc", "exp"], ["dvc", "repro"]) for c in calls if len(c) > 7)
+    assert not any(command(c)[:2] in (["dvc", "exp"], ["dvc", "repro"]) for c in calls)
     assert not (ws.path / ".pcam-work").exists() or not any((ws.path / ".pcam-work").iterdir())
+
+
+def preempted_mid_training(ws: Workspace, *options: str, **env: str) -> tuple[str, str]:
+    """A repro job sent SIGUSR1 once epoch 1 is done (so it lands mid-training), which must
+    checkpoint, requeue itself, resume and complete: its id and log."""
+    job = ws.submit(*options, "repro", **env)
+    log_path = ws.log(f"pcam-repro-{job}.out")
+    wait_for_line(log_path, r"pcam_pipeline\.trainer: epoch 1:", 1200, ws.cluster, job)
+    run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
+    record = ws.cluster.wait(job, timeout=1200, log=log_path)
+    log = log_path.read_text()
+    assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), log
+    assert "forwarding SIGUSR1 to training" in log
+    assert f"requeueing job {job} (restart 1)" in log
+    assert "resuming from models/last.pt at epoch" in log
+    return job, log
 
 
 def test_usr1_mid_training_requeues_and_resumes_to_the_uninterrupted_result(
     untrained_workspace: Workspace, pipeline_repo: Path
 ):
     ws = untrained_workspace
-    job = ws.submit("repro", **same_threads())
-    log_path = ws.log(f"pcam-repro-{job}.out")
-    # Epoch 1 of the default run is done: the signal lands mid-training.
-    wait_for_line(log_path, r"pcam_pipeline\.trainer: epoch 1:", 1200, ws.cluster, job)
-    run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
-    record = ws.cluster.wait(job, timeout=1200, log=log_path)
-    log = log_path.read_text()
-    assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), log
-
+    job, log = preempted_mid_training(ws, **same_threads())
     assert "received SIGUSR1" in log
-    assert "forwarding SIGUSR1 to training" in log
-    assert f"requeueing job {job} (restart 1)" in log
     assert "restart 1 partition" in log  # the second run's header
-    assert "resuming from models/last.pt at epoch" in log
     assert len(ws.cluster.records(job)) == 2  # one record per run: requeued, then completed
     assert f"reusing {ws.path.resolve()}/.pcam-work/repro-{job}" in log  # the rerun's own clone
     # ...where `dvc repro` resumes (`dvc exp run` would first restore the committed outputs over
@@ -269,18 +287,9 @@ def test_a_two_task_job_trains_on_both_workers_and_requeues_on_usr1(
     """`sbatch --ntasks=2`: the train stage's `pcam train` starts its two workers with srun
     (gloo on the CPU, this cluster has one node), and the preemption contract holds for them."""
     ws = untrained_workspace
-    job = ws.submit("--ntasks=2", "--gpus=2", "repro", OMP_NUM_THREADS="1")
-    log_path = ws.log(f"pcam-repro-{job}.out")
-    wait_for_line(log_path, r"pcam_pipeline\.trainer: epoch 1:", 1200, ws.cluster, job)
-    run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
-    record = ws.cluster.wait(job, timeout=1200, log=log_path)
-    log = log_path.read_text()
-    assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), log
+    job, log = preempted_mid_training(ws, "--ntasks=2", "--gpus=2", OMP_NUM_THREADS="1")
     assert "launching 2 training workers with srun" in log
     assert "x 2 workers" in log, "the two srun tasks formed one process group"
-    assert "forwarding SIGUSR1 to training" in log
-    assert f"requeueing job {job} (restart 1)" in log
-    assert "resuming from models/last.pt at epoch" in log
     ws.apply(f"repro-{job}")
     last = load_checkpoint(ws.path / "models" / "last.pt")
     assert last["provenance"]["workers"] == 2
