@@ -26,17 +26,21 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-@pytest.fixture(scope="session")
-def default_raw_params() -> dict[str, Any]:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+def raw_params_with(*layers: dict[str, Any]) -> dict[str, Any]:
+    """The repository's params.yaml with each layer of nested overrides merged in, in order:
+    the one params builder of the tests (tiny_pipeline's small runs add their layer first)."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for layer in layers:
+        raw = merge(raw, layer)
+    return raw
 
 
 @pytest.fixture
-def make_params(default_raw_params: dict[str, Any]) -> Callable[..., Params]:
+def make_params() -> Callable[..., Params]:
     """Params from the repository's params.yaml with nested overrides applied."""
 
     def build(**overrides: Any) -> Params:
-        return parse_params(merge(default_raw_params, overrides))
+        return parse_params(raw_params_with(overrides))
 
     return build
 
@@ -60,3 +64,19 @@ def in_tmp_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def pcam(tmp_path: Path) -> Path:
     """A small PCAM-format data/pcam (64/32/32 synthetic patches) under tmp_path."""
     return make_pcam_dir(tmp_path / "data" / "pcam")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/valid/test.h5 + stats.json: 256/64/64 synthetic patches in the processed layout."""
+    from tests.tiny_pipeline import write_tiny_dataset  # it imports this module
+
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding models/ and dvclive/train/ of one small CNN run (small_run_params())."""
+    from tests.tiny_pipeline import train_in
+
+    return train_in(tmp_path_factory.mktemp("trained-run"), tiny_data)

@@ -27,9 +27,7 @@ from pcam_pipeline.errors import RefusedCheckpoint
 from pcam_pipeline.params import TrainParams
 from pcam_pipeline.repro import load_checkpoint, save_checkpoint
 from tests.conftest import REPO_ROOT
-from tests.tiny_pipeline import small_run_params, tiny_data, trained_run
-
-__all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
+from tests.tiny_pipeline import small_run_params
 
 
 def test_resume_only_matching_unfinished_checkpoints(trained_run, tmp_path):

@@ -22,12 +22,9 @@ from tests.tiny_pipeline import (
     run_pcam,
     run_until_line,
     small_run_params,
-    tiny_data,
     training_outputs,
     write_params_file,
 )
-
-__all__ = ["tiny_data"]
 
 TWO = {"train": {"devices": 2}}
 STOP_AT = "epoch 2 batch 3/8 "  # worker 0's debug line after the 3rd of 8 steps of epoch 2

@@ -16,9 +16,7 @@ from pcam_pipeline import metrics
 from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.stages import evaluate
-from tests.tiny_pipeline import small_run_params, tiny_data, trained_run, workdir
-
-__all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
+from tests.tiny_pipeline import small_run_params, workdir
 
 # A tiny example worked out by hand (threshold 0.5).
 LABELS = np.array([0, 0, 1, 1, 1, 0])

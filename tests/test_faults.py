@@ -39,14 +39,7 @@ from tests.conftest import REPO_ROOT
 from tests.http_server import Behaviour, gzip_files, serve
 from tests.integration.conftest import require_integration
 from tests.pcam_files import make_pcam_dir, read, rewrite
-from tests.tiny_pipeline import (
-    tiny_data,
-    trained_run,
-    write_params_file,
-    write_tiny_dataset,
-)
-
-__all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
+from tests.tiny_pipeline import write_params_file, write_tiny_dataset
 
 STAMP = r"\d{8}T\d{6}Z"  # UTC, as the moved-aside names carry it
 

@@ -19,9 +19,7 @@ from pcam_pipeline.preemption import Preempted, StopFlag
 from pcam_pipeline.repro import load_checkpoint
 from pcam_pipeline.trainer import Trainer, fit
 from pcam_pipeline.training import Loop, RunningSums
-from tests.tiny_pipeline import small_run_params, tiny_data, training_outputs, workdir
-
-__all__ = ["tiny_data"]
+from tests.tiny_pipeline import small_run_params, training_outputs, workdir
 
 pytestmark = [
     pytest.mark.gpu,

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pcam_pipeline.params import SYNTHETIC_INPUT, ParamsError, load_params, parse_params
-from tests.conftest import REPO_ROOT, merge
+from tests.conftest import REPO_ROOT, raw_params_with
 
 
 def test_repository_params_load():
@@ -13,8 +13,8 @@ def test_repository_params_load():
     assert params.as_dict()["validate"]["black_level"] == params.validate_.black_level
 
 
-def test_unknown_key_names_key_and_allowed_keys(default_raw_params):
-    raw = merge(default_raw_params, {"train": {"learning_rate": 0.1}})
+def test_unknown_key_names_key_and_allowed_keys():
+    raw = raw_params_with({"train": {"learning_rate": 0.1}})
     with pytest.raises(ParamsError) as info:
         parse_params(raw)
     message = str(info.value)
@@ -22,14 +22,14 @@ def test_unknown_key_names_key_and_allowed_keys(default_raw_params):
     assert "lr" in message and "batch_size" in message
 
 
-def test_bad_choice_names_allowed_values(default_raw_params):
-    raw = merge(default_raw_params, {"train": {"optimizer": "adam"}})
+def test_bad_choice_names_allowed_values():
+    raw = raw_params_with({"train": {"optimizer": "adam"}})
     with pytest.raises(ParamsError, match=r"train.optimizer: Input should be 'adamw' or 'sgd'"):
         parse_params(raw)
 
 
-def test_bad_number_and_missing_key(default_raw_params):
-    raw = merge(default_raw_params, {"train": {"lr": -1}})
+def test_bad_number_and_missing_key():
+    raw = raw_params_with({"train": {"lr": -1}})
     del raw["evaluate"]["batch_size"]
     with pytest.raises(ParamsError) as info:
         parse_params(raw)
@@ -37,18 +37,18 @@ def test_bad_number_and_missing_key(default_raw_params):
     assert "evaluate.batch_size: required key is missing" in str(info.value)
 
 
-def test_source_and_input_must_agree(default_raw_params):
-    raw = merge(default_raw_params, {"fetch": {"source": "path"}})
+def test_source_and_input_must_agree():
+    raw = raw_params_with({"fetch": {"source": "path"}})
     with pytest.raises(ParamsError, match="with source 'path', input must be the directory"):
         parse_params(raw)
-    raw = merge(default_raw_params, {"fetch": {"input": "data/raw"}})
+    raw = raw_params_with({"fetch": {"input": "data/raw"}})
     with pytest.raises(ParamsError, match=f"must be '{SYNTHETIC_INPUT}'"):
         parse_params(raw)
 
 
-def test_unknown_section(default_raw_params):
+def test_unknown_section():
     with pytest.raises(ParamsError, match="unknown key 'trian'"):
-        parse_params({**default_raw_params, "trian": {}})
+        parse_params({**raw_params_with(), "trian": {}})
 
 
 def test_file_errors(tmp_path: Path):

@@ -18,9 +18,7 @@ from pcam_pipeline import cli
 from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.predict import read_png
-from tests.tiny_pipeline import small_run_params, tiny_data, trained_run
-
-__all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
+from tests.tiny_pipeline import small_run_params
 
 
 def evaluate_probabilities(checkpoint: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:

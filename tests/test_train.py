@@ -29,15 +29,11 @@ from tests.tiny_pipeline import (
     run_pcam,
     run_until_line,
     small_run_params,
-    tiny_data,
     train_in,
-    trained_run,
     training_outputs,
     workdir,
     write_params_file,
 )
-
-__all__ = ["tiny_data", "trained_run"]  # session fixtures, imported to be found by pytest
 
 METRICS = (
     "grad_norm",

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 import yaml
 
@@ -27,7 +26,7 @@ from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
 from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.data.synthetic import generate_split
 from pcam_pipeline.params import Params, parse_params
-from tests.conftest import REPO_ROOT, merge
+from tests.conftest import raw_params_with
 
 SIZES = {"train": 256, "valid": 64, "test": 64}
 
@@ -45,8 +44,7 @@ SMALL_TRAIN: dict[str, Any] = {
 
 def raw_params(**sections: dict[str, Any]) -> dict[str, Any]:
     """params.yaml of the repository, with SMALL_TRAIN and then `sections` merged in."""
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    return merge(merge(raw, {"train": SMALL_TRAIN}), sections)
+    return raw_params_with({"train": SMALL_TRAIN}, sections)
 
 
 def small_run_params(**sections: dict[str, Any]) -> Params:
@@ -178,24 +176,3 @@ def train_in(directory: Path, data_dir: Path, params: Params | None = None) -> P
     with workdir(directory, data_dir):
         train.main(params or small_run_params())
     return directory
-
-
-# Session-wide, shared by every module that imports these fixtures (a fixture imported into
-# several modules is set up once per module, so the results are cached here).
-_CACHE: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """train/valid/test.h5 + stats.json: 256/64/64 synthetic patches in the processed layout."""
-    if "data" not in _CACHE:
-        _CACHE["data"] = write_tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
-    return _CACHE["data"]
-
-
-@pytest.fixture(scope="session")
-def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding models/ and dvclive/train/ of one small CNN run (small_run_params())."""
-    if "run" not in _CACHE:
-        _CACHE["run"] = train_in(tmp_path_factory.mktemp("trained-run"), tiny_data)
-    return _CACHE["run"]

@@ -20,11 +20,7 @@ import pytest
 from pcam_pipeline import numerics
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import project_env, require_integration, run_command
-from tests.tiny_pipeline import (
-    training_outputs,
-    write_params_file,
-    write_tiny_dataset,
-)
+from tests.tiny_pipeline import training_outputs, write_params_file, write_tiny_dataset
 
 pytestmark = pytest.mark.heavy
 
