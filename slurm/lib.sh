@@ -321,6 +321,13 @@ pcam_clone() {
     git -C "$work" -c advice.detachedHead=false checkout --quiet --detach "$commit" ||
         pcam_die "commit $commit is not in $submit: commit your changes before submitting."
     pcam_bind_add "$work"
+    # The identity the submitting repository resolves (its own, or the user's global one): a node
+    # or container with another HOME lacks the global one, and `dvc exp save` needs it.
+    local key value
+    for key in user.name user.email; do
+        value=$(git -C "$submit" config "$key" || true)
+        [[ -z $value ]] || git -C "$work" config "$key" "$value"
+    done
     local cache=$PCAM_CACHE # SUBMIT's, from pcam_runtime_init
     [[ -n $cache ]] || pcam_die "'dvc cache dir' printed nothing in $submit."
     if [[ -f $submit/.dvc/config.local ]]; then

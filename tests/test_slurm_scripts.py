@@ -131,6 +131,23 @@ def recorded(env: dict[str, str]) -> dict:
     return json.loads(Path(env["FAKE_SBATCH_LOG"]).read_text())
 
 
+def test_experiment_jobs_need_a_git_identity_and_get_the_repositorys(submit_env, tmp_path: Path):
+    """Without user.name/email, `dvc exp save` fails at the end of the job: refuse at submit."""
+    repo, env = submit_env
+    env = {**env, "HOME": str(tmp_path / "home"), "GIT_CONFIG_NOSYSTEM": "1"}
+    for key in ("GIT_CONFIG_GLOBAL", "XDG_CONFIG_HOME"):
+        env.pop(key, None)
+    result = submit(repo, env, "repro", check=False)
+    assert result.returncode != 0
+    assert "git user.name is not set" in result.stderr
+    assert "git config --global user.name" in result.stderr
+    assert not Path(env["FAKE_SBATCH_LOG"]).exists()
+    submit(repo, env, "benchmark")  # no experiment, no commit: no identity needed
+    subprocess.run(["git", "-C", repo, "config", "user.name", "t"], check=True)
+    subprocess.run(["git", "-C", repo, "config", "user.email", "t@t.invalid"], check=True)
+    submit(repo, env, "repro")
+
+
 def test_submit_applies_site_defaults_and_records_the_commit(submit_env):
     repo, env = submit_env
     result = submit(repo, env, "repro", "train")

@@ -158,6 +158,10 @@ def make_submit_repo(pipeline_repo: Path, target: Path) -> Path:
     git-tracked results of the local run), plus this working tree's slurm/ (the wrappers under
     test, committed or not yet)."""
     run(["git", "clone", "-q", pipeline_repo, target])
+    # The repository's own identity: the jobs' `dvc exp save` must not depend on this machine's
+    # global git config (a CI container has none).
+    for key, value in (("user.name", "pcam tests"), ("user.email", "tests@pcam.invalid")):
+        run(["git", "config", key, value], cwd=target)
     files = run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=pipeline_repo
     ).stdout.split("\0")
