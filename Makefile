@@ -17,9 +17,14 @@ export OMP_WAIT_POLICY ?= PASSIVE
 TORCH_VARIANT ?= cpu
 export TORCH_VARIANT
 
-$(STAMP): requirements.lock requirements-runtime.lock pyproject.toml
+# On Linux x86_64 the venv takes PyPI's torch (its CUDA 13.0 build, which runs on the CPU, with the
+# NVIDIA wheels pinned in requirements-cu130.lock): PyPI's torchvision, which timm needs, is built
+# against it and does not import beside a +cpu torch (docs/development.md, 'The torch build').
+TORCH_BUILD_LOCK := $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),requirements-cu130.lock)
+
+$(STAMP): requirements.lock requirements-runtime.lock $(TORCH_BUILD_LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet -r requirements.lock $(addprefix --constraint ,$(TORCH_BUILD_LOCK))
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 

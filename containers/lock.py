@@ -111,7 +111,7 @@ def read_pins(path: Path) -> dict[str, str]:
         if line.startswith("-r "):
             found.update(read_pins(path.parent / line[3:].strip()))
             continue
-        name, sep, version = line.partition("==")
+        name, sep, version = line.replace("===", "==").partition("==")
         if not sep:
             raise SystemExit(f"lock.py: {path.name}: not an exact pin: {line!r}")
         found[canonicalize_name(name)] = version
@@ -119,9 +119,14 @@ def read_pins(path: Path) -> dict[str, str]:
 
 
 def expected(dists: dict) -> tuple[str, str]:
-    runtime = closure(project_requirements(), dists)
-    everything = {n for n in dists if n not in ("pcam-pipeline", "pip", "setuptools", "wheel")}
-    dev = closure(project_requirements("dev"), dists) - runtime
+    # A CUDA build's NVIDIA and compiler wheels are that build's (requirements-cu130.lock pins
+    # them); the runtime and dev locks name only what every build of the same release shares.
+    build_only = {n for n in closure([Requirement("torch")], dists) if CUDA_EXTRA.match(n)}
+    runtime = closure(project_requirements(), dists) - build_only
+    everything = {
+        n for n in dists if n not in ("pcam-pipeline", "pip", "setuptools", "wheel")
+    } - build_only
+    dev = closure(project_requirements("dev"), dists) - runtime - build_only
     stray = everything - runtime - dev
     if stray:
         raise SystemExit(
@@ -203,7 +208,13 @@ def cmd_cuda_lock(report: Path, out: Path, variant: str, min_driver: str) -> Non
         "# (docs/development.md, 'Updating dependencies'); "
         "containers/lock.py check-cuda checks it.",
     ]
-    pinned = sorted(f"{shown}=={version}" for shown, version, _ in resolved.values())
+    # `===` (exact string) rather than `==`: a local wheel folder's torch 2.13.0+cpu also
+    # satisfies ==2.13.0 and sorts above it, so `make setup` constrained by this file still gets
+    # PyPI's build, the one PyPI's torchvision is built against.
+    pinned = sorted(
+        f"{shown}{'===' if canonicalize_name(shown) == 'torch' else '=='}{version}"
+        for shown, version, _ in resolved.values()
+    )
     out.write_text("\n".join(lines + sorted(pinned, key=str.lower)) + "\n")
     print(f"wrote {out} ({len(pinned)} pins; torch from {torch_url.rsplit('/', 1)[-1]})")
 

@@ -23,7 +23,7 @@ def pins(name: str) -> dict[str, str]:
     found = {}
     for line in (REPO_ROOT / name).read_text().splitlines():
         if "==" in line and not line.startswith("#"):
-            key, _, version = line.partition("==")
+            key, _, version = line.replace("===", "==").partition("==")
             found[re.sub(r"[-_.]+", "-", key).lower()] = version
     return found
 
@@ -56,6 +56,8 @@ def test_the_cuda_lock_is_the_runtime_lock_plus_cuda_wheels():
     assert result.returncode == 0, result.stdout + result.stderr
     cuda, runtime = pins("requirements-cu130.lock"), pins("requirements-runtime.lock")
     assert cuda["torch"] == runtime["torch"] == "2.13.0"  # PyPI's 2.13.0 wheel: the CUDA build
+    # `===`: not satisfied by a wheel folder's 2.13.0+cpu, so `make setup` gets PyPI's build.
+    assert "\ntorch===2.13.0\n" in (REPO_ROOT / "requirements-cu130.lock").read_text()
     assert cuda["cuda-toolkit"].startswith("13.0.")
     assert {"nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cublas", "triton"} <= set(cuda)
     assert not any(name.endswith("-cu12") for name in cuda)
@@ -68,6 +70,19 @@ def test_the_cuda_lock_is_the_runtime_lock_plus_cuda_wheels():
         check=True,
     ).stdout.strip()
     assert driver == "580" and f"NVIDIA driver >= {driver}" in header
+
+
+def test_the_venv_has_pypis_torch_build_and_a_torchvision_that_imports():
+    """PyPI's torchvision is built against PyPI's torch: beside a +cpu torch it fails to import
+    (operator torchvision::nms does not exist), and timm with it."""
+    script = "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], text=True, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch_version, torchvision_version = result.stdout.split()
+    assert "+" not in torch_version, torch_version
+    assert torchvision_version == pins("requirements-runtime.lock")["torchvision"]
 
 
 def test_check_cuda_rejects_a_lock_that_moves_a_runtime_pin(tmp_path):
