@@ -105,7 +105,7 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from requirements.lock, then `dvc repro` of the embedded default.
 
     Shared by every integration test that needs pipeline outputs; tests must not modify it (copy
-    it, or `git clone` it, first). The clone's .venv is removed afterwards (1.5 GB; the tests
+    it, or `git clone` it, first). The clone's .venv is removed afterwards (5.6 GB; the tests
     run DVC from the development environment, which has the same pins).
     """
     base = tmp_path_factory.mktemp("pipeline")
