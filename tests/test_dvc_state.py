@@ -93,3 +93,16 @@ def test_fetch_reuses_dvcs_md5_of_the_source_and_records_its_links(
     with known_hashes(dvc_repo) as known:
         for name, md5 in sums.items():
             assert known.md5(dvc_repo / "data" / "pcam" / name) == md5
+
+
+def test_download_records_the_md5_of_what_it_unpacked(dvc_repo: Path):
+    from pcam_pipeline.data.download import download_pcam_file
+    from tests.http_server import Behaviour, gzip_files, serve
+
+    source = make_pcam_dir(dvc_repo.parent / "release", {"train": 16, "valid": 8, "test": 8})
+    name = "camelyonpatch_level_2_split_valid_y.h5"
+    expected = hashlib.md5((source / name).read_bytes()).hexdigest()
+    with serve(Behaviour(files=gzip_files(source))) as url:
+        final = download_pcam_file(url, name, dvc_repo / "data" / "raw", expected, None)
+    with known_hashes(dvc_repo) as known:
+        assert known.md5(final) == expected
