@@ -11,11 +11,18 @@
 # - Writes into .dvc/config.local of the clone you are in (never committed):
 #     cache.dir = DIR, cache.shared = group, cache.type = symlink,hardlink,copy,
 #     core.site_cache_dir = PATH (default ${XDG_CACHE_HOME:-$HOME/.cache}/pcam-dvc-site, must be
-#     writable by you; DVC keeps its hash/link state database there instead of /var/tmp/dvc).
+#     writable by you; DVC keeps its sqlite hash/link state there instead of /var/tmp/dvc: a
+#     local or per-user disk, never NFS/GPFS/Lustre, whose locks sqlite cannot trust).
 #   --no-config only prepares DIR.
+#   Then `python -m pcam_pipeline.dvc_cache` reports the link type that works between DIR and
+#   this clone (hard links need one file system: on GPFS one fileset) and warns when PATH is on
+#   a network file system.
 # Run it once per clone; every member runs it in their own clone with the same DIR and GROUP.
-# With cache.type symlink the workspace holds links to read-only cache files: run
-# `dvc unprotect PATH` before editing a tracked file in place.
+# Symlinks first, unlike the repository's own cache (hardlink,symlink,copy): a hard link into DIR
+# keeps the file's owner and primary group (not DIR's setgid group: group quota, shared gc), and
+# other members cannot hard-link an object they do not own (fs.protected_hardlinks). So DVC
+# copies each new output into DIR once and the workspace holds symlinks to read-only cache
+# files: run `dvc unprotect PATH` before editing a tracked file in place.
 #
 # Stale locks after a killed job (Slurm timeout, scancel, OOM) are per clone, not in DIR:
 #   .dvc/tmp/rwlock  entries of dead PIDs on the same host are dropped by DVC itself; if DVC says
@@ -102,4 +109,5 @@ site_cache_dir="$(cd "$site_cache_dir" && pwd -P)"
 "$dvc_bin" config --local core.site_cache_dir "$site_cache_dir"
 echo "configured $(pwd)/.dvc/config.local:"
 "$dvc_bin" config --local --list | grep -E '^(cache|core)\.' | sed 's/^/    /'
+"$(project_python)" -m pcam_pipeline.dvc_cache
 echo "next: 'dvc checkout dvc.yaml' links the pipeline's outputs the shared cache already has"

@@ -155,6 +155,8 @@ pcam_print_env() {
     fi
     echo "dvc cache: $PCAM_CACHE"
     echo "dvc site:  ${DVC_SITE_CACHE_DIR:-as configured in the repository (core.site_cache_dir)}"
+    # the link type DVC will use, and a warning for a site cache on a network file system
+    (cd "$repo" && pcam_run python -m pcam_pipeline.dvc_cache) || true
     echo "device:    ${PCAM_DEVICE_ARGS[*]:-train.device from params.yaml (not a GPU partition)}"
 }
 

@@ -394,8 +394,9 @@ def test_shared_cache_script_sets_group_setgid_and_local_config(tmp_path: Path):
     repo = init_repo(tmp_path / "clone")
     cache = tmp_path / "gpfs" / "pcam-cache"
     site = tmp_path / "site"
-    sh([SHARED_CACHE, cache, group, "--site-cache-dir", site], repo)
+    setup = sh([SHARED_CACHE, cache, group, "--site-cache-dir", site], repo)
     assert mode_of(cache) == 0o2775
+    assert "dvc cache: cache.type symlink: works" in setup.stdout
     local = sh(["dvc", "config", "--local", "--list"], repo).stdout.splitlines()
     for line in [
         f"cache.dir={cache}",

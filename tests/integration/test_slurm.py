@@ -350,6 +350,7 @@ def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Work
     assert record.state == "FAILED", log
     assert record.exit_code != "0:0"
     assert "params.yaml is not valid" in log and "train.lr" in log
+    assert "dvc cache: cache.type hardlink: works" in log  # the job's cache report
     # The first stage that loads params.yaml fails (validate or train: upstream stages are
     # restored from the run-cache), and DVC says so.
     assert "ERROR: failed to reproduce '" in log and "exited with 2" in log

@@ -3,6 +3,7 @@
     python -m pcam_pipeline.bench.perf [--out F] full [--patches N] [--dir D] [--keep] [--input D]
     python -m pcam_pipeline.bench.perf [--out F] layout [--patches N] [--chunks 16,64,...]
     python -m pcam_pipeline.bench.perf [--out F] noop [--repo DIR] [--repeats N]
+    python -m pcam_pipeline.bench.perf [--out F] repro-full [--patches N] [--dir D] [--baseline T]
 
 - `full`: validate, preprocess and the streaming loader on a PCAM-sized split (262,144 train
   patches, 7.25 GB, written under --dir and removed afterwards), each against the raw read of
@@ -11,6 +12,10 @@
   time, file size, block-read and streaming-loader throughput, as a table (`layout.py`).
 - `noop`: median time of a no-op `dvc repro` (everything cached) against `dvc status`
   (`noop.py`).
+- `repro-full`: fetch (`fetch.source: path`), validate and preprocess under `dvc repro` on a
+  PCAM-sized split, with DVC's default configuration and with this repository's .dvc/config:
+  each stage's own time beside DVC's bookkeeping, and the disk used, against `md5sum` and `cp`
+  of the same files (`repro_full.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pcam_pipeline.bench.full_size import FULL_DIR, full_size
 from pcam_pipeline.bench.layout import format_layout, layout_table
 from pcam_pipeline.bench.measure import PCAM_TRAIN_PATCHES
 from pcam_pipeline.bench.noop import noop_ratio
+from pcam_pipeline.bench.repro_full import repro_full
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import load_params
 from pcam_pipeline.paths import PARAMS_FILE
@@ -56,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     noop = commands.add_parser("noop", help="no-op dvc repro vs dvc status")
     noop.add_argument("--repo", type=Path, default=Path("."))
     noop.add_argument("--repeats", type=int, default=11)
+    repro = commands.add_parser("repro-full", help="data stages under dvc repro, full size")
+    repro.add_argument("--patches", type=int, default=PCAM_TRAIN_PATCHES, help="train patches")
+    repro.add_argument("--dir", type=Path, default=FULL_DIR, help="work directory")
+    repro.add_argument(
+        "--baseline",
+        type=Path,
+        help="compare with this exported tree (`git archive` of src, dvc.yaml, .dvc)",
+    )
     return parser
 
 
@@ -65,6 +79,8 @@ def measure(args: argparse.Namespace) -> Any:
     params = load_params(args.params)
     if args.command == "full":
         return full_size(params, args.patches, args.dir, args.keep, args.input)
+    if args.command == "repro-full":
+        return repro_full(params, args.patches, args.dir, args.baseline)
     rows = layout_table(
         args.patches,
         [int(c) for c in args.chunks.split(",")],

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from pcam_pipeline.dvc_state import known_hashes
 from pcam_pipeline.errors import NoSpace, PipelineError
 from pcam_pipeline.repro import (
     HASH_BLOCK,
@@ -108,12 +109,16 @@ def disk_full(partial: Path, error: OSError) -> NoSpace:
     )
 
 
-def gunzip_verified(source: Path, final: Path, expected_md5: str | None) -> None:
-    """Unpack `source` into `final` via a temporary name, keeping it only if its md5 matches."""
+def gunzip_verified(source: Path, final: Path, expected_md5: str | None) -> str:
+    """Unpack `source` into `final` via a temporary name, keeping it only if its md5 (computed
+    as the bytes are written, not by reading the file again) matches; return the md5."""
+    digest = hashlib.md5()
     with atomic_path(final) as tmp:
         try:
             with gzip.open(source, "rb") as packed, open(tmp, "wb") as out:
-                shutil.copyfileobj(packed, out, HASH_BLOCK)
+                while block := packed.read(HASH_BLOCK):
+                    out.write(block)
+                    digest.update(block)
         except OSError as exc:
             if exc.errno is None:  # gzip's own error: the download is damaged, not the disk
                 raise
@@ -122,12 +127,13 @@ def gunzip_verified(source: Path, final: Path, expected_md5: str | None) -> None
                 f"{source}, without fetching it again"
             )
             raise write_failed(final, exc, fix) from None
-        actual = md5_file(tmp)
+        actual = digest.hexdigest()
         if expected_md5 is not None and actual != expected_md5:
             raise DownloadError(
                 f"{final.name}: unpacked md5 {actual} != published {expected_md5}; nothing was "
                 f"written to {final}. Fix: delete {source} and download again"
             )
+    return actual
 
 
 def download_pcam_file(
@@ -141,13 +147,17 @@ def download_pcam_file(
 ) -> Path:
     """Fetch `<base_url>/<name>.gz`, verify it and the unpacked .h5, leave `<target_dir>/<name>`.
 
-    An existing file that already matches `h5_md5` is kept and nothing is downloaded.
+    An existing file that already matches `h5_md5` is kept and nothing is downloaded. Inside a
+    DVC repository the md5 of the unpacked file is recorded in DVC's state (`dvc_state`), so
+    that `dvc commit data.dvc` and fetch take it from there instead of hashing the file again.
     """
     target_dir.mkdir(parents=True, exist_ok=True)
     final = target_dir / name
-    if final.exists() and h5_md5 is not None and md5_file(final) == h5_md5:
-        log.info("%s: present and verified", final)
-        return final
+    if final.exists() and h5_md5 is not None:
+        with known_hashes(target_dir) as known:
+            if (known.md5(final) or md5_file(final)) == h5_md5:
+                log.info("%s: present and verified", final)
+                return final
     partial = target_dir / f".{name}.gz.part"
     url = f"{base_url.rstrip('/')}/{name}.gz"
     log.info("downloading %s", url)
@@ -160,11 +170,13 @@ def download_pcam_file(
             "fetch.zenodo_url and fetch.checksums in params.yaml"
         )
     try:
-        gunzip_verified(partial, final, h5_md5)
+        md5 = gunzip_verified(partial, final, h5_md5)
     except NoSpace:
         raise  # the verified download is kept: the next run unpacks it without fetching again
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     partial.unlink(missing_ok=True)
+    with known_hashes(target_dir) as known:
+        known.record(final, md5)
     return final

@@ -11,6 +11,7 @@ from pcam_pipeline.data.download import download_pcam_file
 from pcam_pipeline.data.hdf5 import HDF5_METADATA_BYTES, write_pcam_split
 from pcam_pipeline.data.pcam import PATCH_BYTES, SPLITS, all_file_names, checksums_from, split_files
 from pcam_pipeline.data.synthetic import generate_split
+from pcam_pipeline.dvc_state import KnownHashes, known_hashes
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import FetchParams, Params
 from pcam_pipeline.paths import PCAM_DIR, RAW_DIR
@@ -74,22 +75,28 @@ def write_synthetic(params: FetchParams, out_dir: Path) -> None:
         log.info("synthetic %s: %d patches, %d positive", split, size, int(y.sum()))
 
 
-def verify_source_dir(source_dir: Path, h5_md5: dict[str, str]) -> list[Path]:
-    """The six PCAM files in `source_dir`, md5-checked; raise naming every problem."""
+def verify_source_dir(
+    source_dir: Path, h5_md5: dict[str, str], known: KnownHashes
+) -> dict[Path, str | None]:
+    """The six PCAM files in `source_dir`, md5-checked, each with its md5 (None: no expected
+    md5, not read); raise naming every problem. An md5 DVC has just computed for the file (as
+    fetch.input, a dependency of the stage) is used instead of reading the file again."""
     if not source_dir.is_dir():
         raise SourceError(
             f"fetch.input: {source_dir} is not a directory. Fix: point fetch.input in params.yaml "
             "at the directory holding the camelyonpatch_level_2_split_*.h5 files "
             "(or run `pcam download` to fill data/raw)"
         )
-    problems, files = [], []
+    problems, files = [], {}
     for name in all_file_names():
         path = source_dir / name
+        files[path] = None
         if not path.is_file():
             problems.append(f"{path}: missing")
-        elif name in h5_md5 and (actual := md5_file(path)) != h5_md5[name]:
-            problems.append(f"{path}: md5 {actual} != expected {h5_md5[name]}")
-        files.append(path)
+        elif name in h5_md5:
+            files[path] = actual = known.md5(path) or md5_file(path)
+            if actual != h5_md5[name]:
+                problems.append(f"{path}: md5 {actual} != expected {h5_md5[name]}")
     if problems:
         raise SourceError(
             "fetch: the source directory does not hold the expected PCAM files:\n  "
@@ -145,11 +152,16 @@ def main(params: Params) -> None:
         write_synthetic(fetch, PCAM_DIR)
         return
     h5_md5, _ = checksums_from(fetch.checksums)
-    sources = verify_source_dir(Path(fetch.input), h5_md5)
-    fix = SPACE_FIX
-    if fetch.link == "copy":
-        fix += ", or set fetch.link: hardlink with data/pcam on the file system of fetch.input"
-    require_free_space(PCAM_DIR, copied_bytes(sources, PCAM_DIR, fetch.link), fix)
-    for source in sources:
-        place(source, PCAM_DIR / source.name, fetch.link)
+    with known_hashes(PCAM_DIR) as known:
+        verified = verify_source_dir(Path(fetch.input), h5_md5, known)
+        fix = SPACE_FIX
+        if fetch.link == "copy":
+            fix += ", or set fetch.link: hardlink with data/pcam on the file system of fetch.input"
+        require_free_space(PCAM_DIR, copied_bytes(list(verified), PCAM_DIR, fetch.link), fix)
+        for source, md5 in verified.items():
+            target = PCAM_DIR / source.name
+            place(source, target, fetch.link)
+            # A hard link is the verified file itself: DVC need not hash data/pcam again.
+            if md5 is not None and os.path.samefile(source, target):
+                known.record(target, md5)
     log.info("fetch: %d files from %s (%s)", len(all_file_names()), fetch.input, fetch.source)
