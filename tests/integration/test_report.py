@@ -51,7 +51,8 @@ def offline(*command: str) -> list[str]:
 
 
 def test_report_writes_the_markdown_and_one_image_per_plot_offline(two_commits: Path):
-    run(offline("pcam", "report", "HEAD~1"), two_commits)
+    # `make pr-report` is the pull-request workflow's step: `pcam report $PCAM_REPORT_BASE`
+    run(offline("make", "-s", "pr-report", "PCAM_REPORT_BASE=HEAD~1"), two_commits)
 
     report = (two_commits / "reports" / "compare" / "report.md").read_text()
     metrics_md = run(["dvc", "metrics", "diff", "HEAD~1", "--md"], two_commits).stdout.strip()
