@@ -104,7 +104,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render_vega(spec: dict[str, Any], target: Path) -> None:
     """One Vega-Lite spec to PNG or SVG (by `target`'s suffix), with vl-convert's bundled Vega."""
-    import vl_convert
+    try:
+        import vl_convert
+    except ImportError as exc:
+        raise PipelineError(
+            "rendering plots needs vl-convert-python (the dev extra): run `make setup`"
+        ) from exc
 
     if target.suffix == ".svg":
         target.write_text(vl_convert.vegalite_to_svg(spec))
