@@ -35,8 +35,9 @@ test-fast: $(STAMP)  ## everything but the heavy integration tests
 	pytest -m "not heavy"
 
 # The fast set's line coverage of src/pcam_pipeline; below COVERAGE_MIN it fails (the pull-request
-# workflow runs this target). Code the tests run as `pcam` subprocesses is not counted.
-COVERAGE_MIN ?= 0
+# workflow runs this target). Measured 84 % on 2026-12-01 (README); code the tests run as `pcam`
+# subprocesses is not counted.
+COVERAGE_MIN ?= 82
 COVERAGE_TESTS ?=
 coverage: $(STAMP)  ## the fast tests with coverage: prints the figure, fails under COVERAGE_MIN
 	pytest -m "not heavy" --cov=pcam_pipeline --cov-report=term --cov-fail-under=$(COVERAGE_MIN) $(COVERAGE_TESTS)
