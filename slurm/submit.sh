@@ -171,13 +171,14 @@ if ((!have_cpus)) && [[ -z ${SBATCH_CPUS_PER_GPU:-} && -n $partition ]]; then
 fi
 # A CPU partition (site file: PCAM_CPU_PARTITION_CPUS=thin_course:8): no GPU, although the
 # scripts' #SBATCH lines ask for one, and the cores as --mincpus (sbatch refuses --cpus-per-task
-# beside the scripts' --cpus-per-gpu). Other partitions keep the GPU settings above.
+# beside the scripts' --cpus-per-gpu, and with no GPU their --cpus-per-gpu=18 makes Slurm refuse
+# the job as "Requested node configuration is not available": 1 here is a harmless stand-in).
+# Other partitions keep the GPU settings above.
 IFS=, read -ra table <<<"${PCAM_CPU_PARTITION_CPUS:-}"
 for entry in "${table[@]}"; do
     [[ $entry == *:* ]] || die "PCAM_CPU_PARTITION_CPUS entry '$entry' is not PARTITION:CPUS (e.g. thin_course:8)."
     if [[ -n $partition && ${entry%%:*} == "$partition" ]]; then
-        export SBATCH_GPUS=0
-        unset SBATCH_CPUS_PER_GPU
+        export SBATCH_GPUS=0 SBATCH_CPUS_PER_GPU=1
         sbatch_opts+=("--mincpus=${entry#*:}")
     fi
 done
