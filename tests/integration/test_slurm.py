@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -386,9 +387,8 @@ def test_course_profile_repro_on_thin_course_with_the_scaled_signal_lead(workspa
     record = ws.cluster.wait(job, log=ws.log(f"pcam-repro-{job}.out"))
     log = job_log(ws, "pcam-repro", job)
     assert (record.state, record.partition) == ("COMPLETED", "thin_course"), log
-    completion = ws.cluster.completion(job)
-    assert completion["TimeLimit"] == "20"
-    assert "gres/gpu" not in completion["Tres"], completion["Tres"]  # a CPU partition: no GPU
+    assert ws.cluster.completion(job)["TimeLimit"] == "20"  # minutes
+    assert "gpus:      CUDA_VISIBLE_DEVICES=unset" in log  # a CPU partition: Slurm gave no GPU
     # 10 % of 20 minutes, within the floor (60 s) and the cap (600 s) of PCAM_SIGNAL_LEAD=10:60:600
     assert "signal:    B:USR1@120" in log
 
@@ -413,8 +413,13 @@ def test_course_benchmarks_on_both_partitions_make_the_throughput_table(
         assert read_json(result), log
         assert any((ws.path / "reports" / f"benchmark-{partition}-{job}").iterdir())
         assert "Running stage 'benchmark'" in log
-    gres = {p: slurm_cluster.completion(j)["Tres"] for p, j in jobs.items()}
-    assert "gres/gpu=1" in gres["gpu_course"] and "gres/gpu" not in gres["thin_course"], gres
+    # Slurm gave gpu_course one (fake) GPU and thin_course none (the log's `gpus:` line).
+    gpus = {
+        p: re.search(r"^gpus: +CUDA_VISIBLE_DEVICES=(\S+)$", job_log(ws, "pcam-benchmark", j), re.M)
+        for p, j in jobs.items()
+    }
+    assert gpus["thin_course"] and gpus["thin_course"][1] == "unset", gpus
+    assert gpus["gpu_course"] and gpus["gpu_course"][1] in ("0", "1"), gpus
     table = (ws.path / "reports" / "benchmark-partitions.md").read_text().splitlines()
     assert table[0] == "| partition | node type | train img/s | job id |"
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
