@@ -133,6 +133,8 @@ pcam_print_env() {
     echo "host:      $(hostname) ($(uname -srm))"
     echo "cpus:      ${SLURM_CPUS_ON_NODE:-?} (OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
     echo "gpus:      CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+    # SBATCH_SIGNAL reaches the job from submit.sh's environment (sbatch exports it by default).
+    echo "signal:    ${SBATCH_SIGNAL:-as the #SBATCH --signal line says, if any}"
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1 |
             sed 's/^/           /' || true

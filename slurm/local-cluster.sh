@@ -13,8 +13,8 @@
 # SLURM_CONF=$PCAM_SLURM_DIR/etc/slurm.conf (see `env`).
 #
 # The cluster: ClusterName=ci, node `localhost` (CPUs=2, RealMemory=4000, two fake GPUs as GRES backed
-# by character devices 195:N, feature scratch-node as on Snellius' NVMe nodes), partitions `ci` (default), `gpu_a100` and `gpu_h100` (so Snellius
-# partition names work here), job records from `sacct -c` (jobcomp/filetxt). Daemons bind to
+# by character devices 195:N, feature scratch-node as on Snellius' NVMe nodes), partitions `ci` (default), `gpu_a100`, `gpu_h100`, and the course's `thin_course` and
+# `gpu_course` (so Snellius partition names work here), job records from `sacct -c` (jobcomp/filetxt). Daemons bind to
 # 127.0.0.1 only (CommunicationParameters=NoCtldInAddrAny,NoInAddrAny); munged uses a private socket.
 set -euo pipefail
 
@@ -129,6 +129,8 @@ NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$NODE_CPUS Rea
 PartitionName=ci Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu_a100 Nodes=localhost MaxTime=INFINITE State=UP
 PartitionName=gpu_h100 Nodes=localhost MaxTime=INFINITE State=UP
+PartitionName=thin_course Nodes=localhost MaxTime=INFINITE State=UP
+PartitionName=gpu_course Nodes=localhost MaxTime=INFINITE State=UP
 CONF
     mv "$CONF.tmp" "$CONF"
     cat >"$ETC/gres.conf" <<CONF

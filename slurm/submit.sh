@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Submit a pipeline job with the site defaults applied (see slurm/site.env).
 #
-#   slurm/submit.sh [SBATCH_OPTIONS...] repro [DVC_REPRO_ARGS...]
-#   slurm/submit.sh [SBATCH_OPTIONS...] sweep GRID_FILE
-#   slurm/submit.sh [SBATCH_OPTIONS...] benchmark
+#   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] repro [DVC_REPRO_ARGS...]
+#   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] sweep GRID_FILE
+#   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] benchmark
 #
 # e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`;
+# a course account: `slurm/submit.sh --site snellius-course -p thin_course repro` (SITE: a name in
+# slurm/sites/ or a file; the same as PCAM_SLURM_SITE=SITE);
 # all GPUs of a node: `--gpus=4 repro`; two nodes: `--nodes=2 --ntasks-per-node=4 --gpus-per-node=4
 # repro` (docs/distributed.md).
 # Runs sbatch from the repository root (jobs run there), creates logs/, records the current commit
 # in PCAM_COMMIT (every job runs exactly that commit, in a clone of its own) and, for a sweep, sets
 # --array=1-N from the grid file. CPUs per GPU follow the partition (PCAM_CPUS_PER_GPU) unless set;
-# PCAM_STAGE_DATA=1 also asks for nodes with local NVMe (PCAM_STAGE_CONSTRAINT). Prints the job id.
+# PCAM_STAGE_DATA=1 also asks for nodes with local NVMe (PCAM_STAGE_CONSTRAINT). A partition that
+# is listed in PCAM_CPU_PARTITION_CPUS (PARTITION:CPUS,...) gets no GPU and those cores. With
+# PCAM_SIGNAL_LEAD=PERCENT:FLOOR:CAP (and no SBATCH_SIGNAL), the time-limit signal comes PERCENT of
+# the time limit before it, at least FLOOR and at most CAP seconds. Prints the job id.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -22,7 +27,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -48,11 +53,56 @@ apply_env_file() {
     done <"$file"
 }
 
+# site_file SITE: a name in slurm/sites/ (snellius-course) or the path of a site file.
+site_file() {
+    if [[ $1 == */* || $1 == *.env ]]; then
+        echo "$1"
+    elif [[ -f $repo/slurm/sites/$1.env ]]; then
+        echo "$repo/slurm/sites/$1.env"
+    else
+        local known=() file
+        for file in "$repo"/slurm/sites/*.env; do [[ -f $file ]] && known+=("$(basename "$file" .env)"); done
+        die "site '$1' is neither a file nor one of slurm/sites/: ${known[*]:-none}."
+    fi
+}
+
+# seconds LIMIT: a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds.
+seconds() {
+    local limit=$1 days=0 h=0 m=0 s=0
+    if [[ $limit =~ ^([0-9]+)-([0-9]+)(:([0-9]+))?(:([0-9]+))?$ ]]; then
+        days=${BASH_REMATCH[1]} h=${BASH_REMATCH[2]} m=${BASH_REMATCH[4]:-0} s=${BASH_REMATCH[6]:-0}
+    elif [[ $limit =~ ^([0-9]+):([0-9]+):([0-9]+)$ ]]; then
+        h=${BASH_REMATCH[1]} m=${BASH_REMATCH[2]} s=${BASH_REMATCH[3]}
+    elif [[ $limit =~ ^([0-9]+)(:([0-9]+))?$ ]]; then
+        m=${BASH_REMATCH[1]} s=${BASH_REMATCH[3]:-0}
+    else
+        die "time limit '$limit' is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS)."
+    fi
+    echo $((((10#$days * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s))
+}
+
+# signal_lead LIMIT_SECONDS RULE: PERCENT:FLOOR:CAP -> PERCENT of the limit, within [FLOOR, CAP].
+signal_lead() {
+    local limit=$1 rule=$2 lead
+    [[ $rule =~ ^([0-9]+):([0-9]+):([0-9]+)$ ]] ||
+        die "PCAM_SIGNAL_LEAD='$rule' is not PERCENT:FLOOR:CAP (e.g. 10:60:600)."
+    lead=$((limit * BASH_REMATCH[1] / 100))
+    ((lead < BASH_REMATCH[2])) && lead=${BASH_REMATCH[2]}
+    ((lead > BASH_REMATCH[3])) && lead=${BASH_REMATCH[3]}
+    echo "$lead"
+}
+
 sbatch_opts=()
 while (($#)); do
     case $1 in
         repro | sweep | benchmark) break ;;
         -h | --help) usage ;;
+        --site)
+            [[ -n ${2:-} ]] || die "--site needs a site name (slurm/sites/) or a site file."
+            PCAM_SLURM_SITE=$2
+            shift
+            ;;
+        --site=*) PCAM_SLURM_SITE=${1#--site=} ;;
         *) sbatch_opts+=("$1") ;;
     esac
     shift
@@ -63,7 +113,7 @@ shift
 script=$repo/slurm/$what.sbatch
 [[ -f $script ]] || die "$script not found."
 
-[[ -n ${PCAM_SLURM_SITE:-} ]] && apply_env_file "$PCAM_SLURM_SITE"
+if [[ -n ${PCAM_SLURM_SITE:-} ]]; then apply_env_file "$(site_file "$PCAM_SLURM_SITE")"; fi
 apply_env_file "$repo/slurm/site.env"
 
 command -v sbatch >/dev/null || die "sbatch not found: run this on a Slurm login node (or start slurm/local-cluster.sh and export SLURM_CONF)."
@@ -98,13 +148,18 @@ fi
 
 # The partition the job goes to: the last -p/--partition option, else SBATCH_PARTITION.
 partition=${SBATCH_PARTITION:-}
-have_cpus=0 have_constraint=0 gpus_per_node=0
+have_cpus=0 have_constraint=0 gpus_per_node=0 have_signal=0
+time_limit=${SBATCH_TIMELIMIT:-}
 for ((i = 0; i < ${#sbatch_opts[@]}; i++)); do
     o=${sbatch_opts[i]}
     case $o in
         -p | --partition) partition=${sbatch_opts[i + 1]:-} ;;
         -p?*) partition=${o#-p} ;;
         --partition=*) partition=${o#--partition=} ;;
+        -t | --time) time_limit=${sbatch_opts[i + 1]:-} ;;
+        -t?*) time_limit=${o#-t} ;;
+        --time=*) time_limit=${o#--time=} ;;
+        --signal | --signal=*) have_signal=1 ;;
         --cpus-per-gpu | --cpus-per-gpu=*) have_cpus=1 ;;
         -C | -C?* | --constraint | --constraint=*) have_constraint=1 ;;
         --gpus-per-node | --gpus-per-node=* | --gpus-per-task | --gpus-per-task=*) gpus_per_node=1 ;;
@@ -121,6 +176,28 @@ if ((!have_cpus)) && [[ -z ${SBATCH_CPUS_PER_GPU:-} && -n $partition ]]; then
         [[ $entry == *:* ]] || die "PCAM_CPUS_PER_GPU entry '$entry' is not PARTITION:CPUS (e.g. gpu_h100:16)."
         if [[ ${entry%%:*} == "$partition" ]]; then export SBATCH_CPUS_PER_GPU=${entry#*:}; fi
     done
+fi
+# A CPU partition (site file: PCAM_CPU_PARTITION_CPUS=thin_course:8): no GPU, although the
+# scripts' #SBATCH lines ask for one, and the cores as --mincpus (sbatch refuses --cpus-per-task
+# beside the scripts' --cpus-per-gpu, and with no GPU their --cpus-per-gpu=18 makes Slurm refuse
+# the job as "Requested node configuration is not available": 1 here is a harmless stand-in).
+# Other partitions keep the GPU settings above.
+IFS=, read -ra table <<<"${PCAM_CPU_PARTITION_CPUS:-}"
+for entry in "${table[@]}"; do
+    [[ $entry == *:* ]] || die "PCAM_CPU_PARTITION_CPUS entry '$entry' is not PARTITION:CPUS (e.g. thin_course:8)."
+    if [[ -n $partition && ${entry%%:*} == "$partition" ]]; then
+        export SBATCH_GPUS=0 SBATCH_CPUS_PER_GPU=1
+        sbatch_opts+=("--mincpus=${entry#*:}")
+    fi
+done
+# The time-limit signal's lead from the limit (an option, SBATCH_TIMELIMIT, else the script's own).
+if [[ -n ${PCAM_SIGNAL_LEAD:-} && -z ${SBATCH_SIGNAL:-} ]] && ((!have_signal)); then
+    [[ -n $time_limit ]] || time_limit=$(sed -n 's/^#SBATCH --time=//p' "$script" | head -n 1)
+    [[ -n $time_limit ]] || die "PCAM_SIGNAL_LEAD needs a time limit: give --time or SBATCH_TIMELIMIT."
+    limit_s=$(seconds "$time_limit") # separate lines: a `die` in $(...) then stops this script
+    lead=$(signal_lead "$limit_s" "$PCAM_SIGNAL_LEAD")
+    export SBATCH_SIGNAL=B:USR1@$lead
+    echo "submit.sh: the time-limit signal (SIGUSR1) comes ${lead} s before the ${time_limit} limit (PCAM_SIGNAL_LEAD=$PCAM_SIGNAL_LEAD)." >&2
 fi
 # Node-local NVMe for PCAM_STAGE_DATA=1 (Snellius: --constraint=scratch-node; $TMPDIR is on it).
 if [[ ${PCAM_STAGE_DATA:-0} == 1 && -n ${PCAM_STAGE_CONSTRAINT:-} ]] && ((!have_constraint)) && [[ -z ${SBATCH_CONSTRAINT:-} ]]; then

@@ -552,3 +552,60 @@ def test_gpu_check_fails_with_exit_3_in_a_cpu_environment():
     )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "[pcam-slurm] error: the image has no CUDA: the venv x holds torch" in result.stderr
+
+
+# --- the course profile (slurm/sites/snellius-course.env) --------------------------------------
+
+
+def test_the_course_site_puts_cpu_jobs_on_thin_course_without_a_gpu(submit_env):
+    repo, env = submit_env
+    submit(repo, env, "--site", "snellius-course", "-p", "thin_course", "repro")
+    call = recorded(env)
+    assert call["argv"][:4] == ["--parsable", "-p", "thin_course", "--mincpus=8"]
+    assert call["env"]["SBATCH_GPUS"] == "0"
+    assert call["env"]["SBATCH_CPUS_PER_GPU"] == "1"  # not the scripts' 18: Slurm refuses that
+    assert call["env"]["SBATCH_MEM_PER_NODE"] == "16G"  # the course share, not site.env's 60G
+
+
+def test_the_course_site_gives_gpu_course_a_gpu_and_its_share_of_cores(submit_env):
+    repo, env = submit_env
+    submit(repo, {**env, "PCAM_SLURM_SITE": "snellius-course"}, "benchmark")
+    call = recorded(env)
+    assert call["env"]["SBATCH_PARTITION"] == "gpu_course"
+    assert call["env"]["SBATCH_GPUS"] == "1" and call["env"]["SBATCH_CPUS_PER_GPU"] == "8"
+    assert not any(a.startswith("--mincpus") for a in call["argv"])
+
+
+@pytest.mark.parametrize(
+    ("args", "lead"),
+    [
+        (["--time=00:20:00"], 120),  # 10 % of 1200 s
+        (["-t", "20"], 120),  # MM
+        ([], 360),  # the course's SBATCH_TIMELIMIT=01:00:00
+        (["--time=5:00"], 60),  # the floor: 10 % of 300 s is 30 s
+        (["--time=1-00:00:00"], 600),  # the cap
+    ],
+)
+def test_the_course_signal_lead_scales_with_the_time_limit(submit_env, args, lead):
+    repo, env = submit_env
+    result = submit(repo, env, "--site=snellius-course", *args, "repro")
+    assert recorded(env)["env"]["SBATCH_SIGNAL"] == f"B:USR1@{lead}"
+    assert f"comes {lead} s before" in result.stderr
+
+
+def test_an_explicit_signal_beats_the_lead_rule(submit_env):
+    repo, env = submit_env
+    submit(repo, env, "--site", "snellius-course", "--signal=B:USR1@30", "repro")
+    assert "SBATCH_SIGNAL" not in recorded(env)["env"]
+    submit(repo, {**env, "SBATCH_SIGNAL": "B:USR1@45"}, "--site", "snellius-course", "repro")
+    assert recorded(env)["env"]["SBATCH_SIGNAL"] == "B:USR1@45"
+    submit(repo, env, "repro")  # without the course site: site.env's fixed lead, as before
+    assert recorded(env)["env"]["SBATCH_SIGNAL"] == "B:USR1@600"
+
+
+def test_an_unknown_site_name_lists_the_known_ones(submit_env):
+    repo, env = submit_env
+    result = submit(repo, env, "--site", "nope", "repro", check=False)
+    assert result.returncode == 1 and "snellius-course" in result.stderr
+    bad = submit(repo, env, "--site=snellius-course", "--time=soon", "repro", check=False)
+    assert bad.returncode == 1 and "'soon' is not a Slurm time" in bad.stderr

