@@ -544,14 +544,16 @@ def test_gpu_check_names_a_gpu_not_passed_in():
     assert "no NVIDIA driver is visible" in problem
 
 
-def test_gpu_check_fails_with_exit_3_in_a_cpu_environment():
-    """The real script, in this (CPU-only) environment, as a GPU-partition job would run it."""
+def test_gpu_check_fails_with_exit_3_on_a_machine_without_a_gpu():
+    """The real script, in this environment (a CUDA build of torch, no NVIDIA driver), as a
+    GPU-partition job would run it."""
     env = {**os.environ, "SLURM_JOB_PARTITION": "gpu_a100", "PCAM_RUNTIME_DESC": "the venv x"}
+    env.pop("PCAM_NODE_DRIVER", None)
     result = subprocess.run(
         [sys.executable, SLURM / "gpu-check.py"], env=env, text=True, capture_output=True
     )
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "[pcam-slurm] error: the image has no CUDA: the venv x holds torch" in result.stderr
+    assert "[pcam-slurm] error: no NVIDIA driver is visible in the job (the venv x" in result.stderr
 
 
 # --- the course profile (slurm/sites/snellius-course.env) --------------------------------------
