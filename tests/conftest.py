@@ -80,3 +80,18 @@ def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from tests.tiny_pipeline import train_in
 
     return train_in(tmp_path_factory.mktemp("trained-run"), tiny_data)
+
+
+@pytest.fixture(scope="session")
+def imagenet_resnet18(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A safetensors file as the hub holds timm's resnet18 weights (a 1000-class head), made
+    from a seeded timm model: what `pcam weights download` fetches and train loads."""
+    timm = pytest.importorskip("timm", reason="timm is not installed: `make setup` installs it")
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    state = timm.create_model("resnet18", num_classes=1000).state_dict()
+    path = tmp_path_factory.mktemp("hub") / "resnet18.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, path)
+    return path
