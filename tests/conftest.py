@@ -75,6 +75,16 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def timm_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64/16/16 synthetic patches in the processed layout: for the timm architectures' runs (a
+    resnet18 step costs ~100 steps of the small CNN on 2 cores)."""
+    from tests.tiny_pipeline import write_tiny_dataset
+
+    sizes = {"train": 64, "valid": 16, "test": 16}
+    return write_tiny_dataset(tmp_path_factory.mktemp("timm-data"), sizes)
+
+
+@pytest.fixture(scope="session")
 def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding models/ and dvclive/train/ of one small CNN run (small_run_params())."""
     from tests.tiny_pipeline import train_in

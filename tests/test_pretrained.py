@@ -69,8 +69,9 @@ def test_a_missing_file_says_how_to_get_it(tmp_path):
 
 
 @pytest.mark.heavy
-def test_the_train_stage_fine_tunes_from_the_file(imagenet_resnet18, tiny_data, tmp_path):
-    run = train_in(project_with(imagenet_resnet18, tmp_path), tiny_data, resnet(epochs=1))
+def test_the_train_stage_fine_tunes_from_the_file(imagenet_resnet18, timm_data, tmp_path):
+    project = project_with(imagenet_resnet18, tmp_path)
+    run = train_in(project, timm_data, resnet(epochs=1, batch_size=8))
     trained = load_checkpoint(run / "models" / "last.pt")["model"]["net.conv1.weight"]
     pretrained = load_file(imagenet_resnet18)["conv1.weight"]
     torch.manual_seed(0)

@@ -203,6 +203,9 @@ class BenchmarkParams(_Section):
     latency_iters: int = Field(gt=1)
     loader_patches: int = Field(gt=0)
     baseline_patches: int = Field(gt=0)
+    # The architectures whose training loop is timed, one row each: `train` (the model train.*
+    # configures), `cnn`, `mlp`, or a timm model's name (train.timm's other settings)
+    models: list[str] = Field(min_length=1)
 
 
 class Params(_Section):
