@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a GPU node (a few minutes): a PCAM-sized split through validate
 # and preprocess, the training loop end to end against the same step on resident data (batch
-# size x precision x train.compile), then the CUDA tests (`pytest -m gpu`).
+# size x precision x train.compile), the same for timm's resnet18 and resnet50 at batch 256 bf16,
+# eager and compiled (`--no-timm` in PCAM_GPU_CHECK_ARGS skips them), then the CUDA tests
+# (`pytest -m gpu`). timm must be installed for its rows (an error row says so otherwise).
 #
 #   scripts/gpu-check.sh [OUT_DIR]          # default reports/gpu-check
 #   PCAM_BASELINE=DIR scripts/gpu-check.sh  # also time an earlier checkout's loop beside it

@@ -75,8 +75,33 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def timm_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64/16/16 synthetic patches in the processed layout: for the timm architectures' runs (a
+    resnet18 step costs ~100 steps of the small CNN on 2 cores)."""
+    from tests.tiny_pipeline import write_tiny_dataset
+
+    sizes = {"train": 64, "valid": 16, "test": 16}
+    return write_tiny_dataset(tmp_path_factory.mktemp("timm-data"), sizes)
+
+
+@pytest.fixture(scope="session")
 def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding models/ and dvclive/train/ of one small CNN run (small_run_params())."""
     from tests.tiny_pipeline import train_in
 
     return train_in(tmp_path_factory.mktemp("trained-run"), tiny_data)
+
+
+@pytest.fixture(scope="session")
+def imagenet_resnet18(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A safetensors file as the hub holds timm's resnet18 weights (a 1000-class head), made
+    from a seeded timm model: what `pcam weights download` fetches and train loads."""
+    timm = pytest.importorskip("timm", reason="timm is not installed: `make setup` installs it")
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    state = timm.create_model("resnet18", num_classes=1000).state_dict()
+    path = tmp_path_factory.mktemp("hub") / "resnet18.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, path)
+    return path

@@ -23,6 +23,7 @@ from pcam_pipeline.bench.timing import is_out_of_memory
 from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
 from pcam_pipeline.data.pcam import PATCH_BYTES, PATCH_SHAPE
 from pcam_pipeline.data.processed import ProcessedData
+from pcam_pipeline.models import build_model
 from pcam_pipeline.params import Params
 from pcam_pipeline.stages import benchmark
 from tests.conftest import REPO_ROOT
@@ -51,6 +52,7 @@ BENCHMARK = {
     "latency_iters": 3,
     "loader_patches": 300,
     "baseline_patches": 16,
+    "models": ["train", "mlp"],
 }
 
 
@@ -163,6 +165,24 @@ def test_stage_writes_metrics_and_plots(project, params, monkeypatch):
     assert designs["ours, streaming"] == metrics["loader"]["ours_streaming_img_s"]
     assert {"ours, in memory", "per-sample baseline", "raw read (pread)"} <= set(designs)
     assert not list(Path("tmp").glob("pcam-benchmark-*")), "the tiled file is removed"
+    architectures = metrics["architectures"]
+    assert list(architectures) == ["cnn", "mlp"], "train (its cnn), then the listed mlp"
+    assert architectures["cnn"]["parameters"] == sum(
+        p.numel() for p in build_model(params.train).parameters()
+    )
+    for row in architectures.values():
+        assert row["batch_size"] == 16 and row["precision"] == "fp32"
+        assert row["fed_fraction"] == approx(row["end_to_end_img_s"] / row["resident_img_s"])
+    plot = json.loads(Path("reports/benchmark/architectures.json").read_text())
+    assert [r["model"] for r in plot] == ["cnn", "mlp"]
+
+
+def test_a_benchmark_models_entry_names_the_architecture(params):
+    assert throughput.architecture(params.train, "train") == params.train
+    assert throughput.architecture(params.train, "mlp").model == "mlp"
+    resnet = throughput.architecture(params.train, "resnet50")
+    assert (resnet.model, resnet.timm.name, resnet.timm.pretrained) == ("timm", "resnet50", None)
+    assert resnet.batch_size == params.train.batch_size
 
 
 def test_the_model_table_times_the_real_train_step(params, monkeypatch):

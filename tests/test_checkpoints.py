@@ -64,7 +64,17 @@ def test_a_checkpoint_records_the_params_the_train_stage_declares():
     declared = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["train"]["params"]
     assert sorted(TRAINED_SECTIONS) == sorted(declared)
     params = small_run_params()
-    assert recorded_params(params) == {s: params.as_dict()[s] for s in TRAINED_SECTIONS}
+    everything = params.as_dict()
+    unused_timm = {k: v for k, v in everything["train"].items() if k != "timm"}
+    assert recorded_params(params) == {
+        **{s: everything[s] for s in TRAINED_SECTIONS},
+        "train": unused_timm,  # the CNN's checkpoints did not change when train.timm came
+    }
+    timm_run = small_run_params(train={"model": "timm"})
+    assert recorded_params(timm_run)["train"] == timm_run.as_dict()["train"]
+    assert fingerprint(timm_run, {}, "memory") != fingerprint(
+        small_run_params(train={"model": "timm", "timm": {"name": "resnet50"}}), {}, "memory"
+    )
     assert recorded_params(small_run_params(evaluate={"n_slices": 8})) == recorded_params(params)
     # `pcam predict` rebuilds the model from the record.
     assert TrainParams.model_validate(recorded_params(params)["train"]) == params.train

@@ -176,3 +176,29 @@ def test_evaluate_stage_uses_the_validation_split_for_the_threshold(
     assert (out / "confident_errors.png").read_bytes()[:4] == b"\x89PNG"
     slices = json.loads((out / "slices.json").read_text())
     assert sum(row["n"] for row in slices["slices"]) == 2 * len(test.labels)  # two features
+
+
+def test_evaluate_with_tta_chooses_the_threshold_on_valid_under_it(
+    trained_run, tiny_data, tmp_path
+):
+    shutil.copytree(trained_run / "models", tmp_path / "models")
+    params = small_run_params(evaluate={"tta": "d8"})
+    with workdir(tmp_path, tiny_data):
+        evaluate.main(params)
+    report = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert report["tta"] == "d8"
+    cpu = torch.device("cpu")
+    model, mean, std, _ = model_from_checkpoint(tmp_path / "models" / "best.pt", cpu)
+    splits = {
+        name: Split.open(tiny_data / f"{name}.h5", params.loader) for name in ("valid", "test")
+    }
+    probs = {
+        name: predict_split(
+            model, DeviceBatches(split, cpu, params.loader), mean, std, 256, tta="d8"
+        )
+        for name, split in splits.items()
+    }
+    threshold = metrics.choose_threshold(splits["valid"].labels, probs["valid"], "youden")
+    assert report["threshold"]["value"] == threshold
+    auroc = skm.roc_auc_score(splits["test"].labels, probs["test"])
+    assert report["test"]["auroc"] == pytest.approx(auroc)

@@ -8,6 +8,7 @@ import h5py
 
 from pcam_pipeline.bench import full_size, gpucheck
 from pcam_pipeline.data.processed import ProcessedData
+from tests.tiny_pipeline import small_run_params
 
 
 def test_prepare_data_validates_and_preprocesses_a_scaled_down_split(
@@ -102,3 +103,23 @@ def test_the_baseline_runs_the_earlier_versions_code(tmp_path):
     rows = gpucheck.time_baseline(checkout, tmp_path / "processed", tmp_path, steps=5)
     assert [row["batch_size"] for row in rows] == list(gpucheck.BASELINE_BATCHES)
     assert all(row["img_s"] > 0 for row in rows)
+
+
+def test_the_timm_rows_time_resnet18_and_resnet50_at_256_bf16_eager_and_compiled():
+    params = small_run_params()
+    assert gpucheck.TIMM_MODELS == ("resnet18", "resnet50")
+    trains = [
+        gpucheck.cuda_train_params(params, config, name)
+        for name in gpucheck.TIMM_MODELS
+        for config in gpucheck.TIMM_CONFIGS
+    ]
+    assert {(t.timm.name, t.batch_size, t.bf16, t.compile) for t in trains} == {
+        (name, 256, True, mode)
+        for name in ("resnet18", "resnet50")
+        for mode in ("off", "reduce-overhead")
+    }
+    assert all(t.model == "timm" and t.device == "cuda" for t in trains)
+    row = {"batch_size": 256, "precision": "bf16", "compile": "off", "resident_img_s": 900.0}
+    row.update(end_to_end_img_s=800.0, fed_fraction=800 / 900, pcam_epoch_s=327.68)
+    text = gpucheck.table({"loop": [], "loop_resnet50": [row]})
+    assert "timm resnet50:\n" in text and "| 256, bf16, off | 800 | 900 | 0.89 | 327.68 |" in text

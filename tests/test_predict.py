@@ -16,7 +16,7 @@ from matplotlib import image as mpimg
 
 from pcam_pipeline import cli
 from pcam_pipeline.data.loader import DeviceBatches, Split
-from pcam_pipeline.inference import model_from_checkpoint, predict_split
+from pcam_pipeline.inference import model_from_checkpoint, predict_batches, predict_split
 from pcam_pipeline.predict import read_png
 from tests.tiny_pipeline import small_run_params
 
@@ -155,3 +155,47 @@ def test_predict_rejects_bad_inputs_with_a_clear_message(case, trained_run, tmp_
     message = capsys.readouterr().err
     assert str(bad) in message and expected in message
     assert not out.exists(), "nothing half written"
+
+
+# --- test-time augmentation ---------------------------------------------------------------------
+
+
+def scores(checkpoint: Path, images: np.ndarray, tta: str) -> np.ndarray:
+    device = torch.device("cpu")
+    model, mean, std, _ = model_from_checkpoint(checkpoint, device)
+    return predict_batches(model, [torch.from_numpy(images)], mean, std, device, tta=tta)
+
+
+def test_d8_scores_a_rotated_or_flipped_copy_the_same(trained_run, tiny_data):
+    checkpoint = trained_run / "models" / "best.pt"
+    images, plain = evaluate_probabilities(checkpoint, tiny_data)
+    rotated = np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2)))
+    flipped = np.ascontiguousarray(images[:, :, ::-1])
+    d8 = scores(checkpoint, images, "d8")
+    np.testing.assert_allclose(scores(checkpoint, rotated, "d8"), d8, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores(checkpoint, flipped, "d8"), d8, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores(checkpoint, flipped, "flips"), scores(
+        checkpoint, images, "flips"), rtol=0, atol=1e-6)  # fmt: skip
+    # ...where the model alone is not invariant: the test can tell.
+    assert np.abs(scores(checkpoint, rotated, "none") - plain).max() > 1e-3
+    assert np.abs(d8 - plain).max() > 1e-4, "d8 is not the plain score"
+    assert np.array_equal(scores(checkpoint, images, "none"), plain)
+
+
+def test_d8_is_the_mean_over_the_eight_symmetries(trained_run, tiny_data):
+    checkpoint = trained_run / "models" / "best.pt"
+    images = evaluate_probabilities(checkpoint, tiny_data)[0][:8]
+    turned = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    orbit = turned + [t[:, ::-1] for t in turned]
+    each = [scores(checkpoint, np.ascontiguousarray(view), "none") for view in orbit]
+    np.testing.assert_allclose(scores(checkpoint, images, "d8"), np.mean(each, axis=0), atol=1e-6)
+
+
+def test_predict_takes_the_tta_option(trained_run, tiny_data, tmp_path):
+    checkpoint = trained_run / "models" / "best.pt"
+    images, _ = evaluate_probabilities(checkpoint, tiny_data)
+    out = tmp_path / "scores.csv"
+    assert cli.main(["predict", str(checkpoint), str(tiny_data / "test.h5"), "--out", str(out),
+                     "--device", "cpu", "--tta", "d8"]) == 0  # fmt: skip
+    expected = scores(checkpoint, images, "d8")
+    assert [row["probability"] for row in read_csv(out)] == [f"{p:.6f}" for p in expected]

@@ -408,3 +408,44 @@ def test_mlp_trains(tiny_data, tmp_path):
 def test_models_map_patches_to_one_logit(model):
     net = build_model(small_run_params(train={"model": model}).train)
     assert net(torch.zeros(5, 3, 96, 96)).shape == (5,)
+
+
+# --- timm architectures: the same promises ------------------------------------------------------
+
+TIMM_MODELS = ["resnet18", "vit_tiny_patch16_224"]  # a timm CNN, and a ViT built for 96x96
+
+
+def timm_train(name: str) -> dict[str, object]:
+    # Batches of 8 from timm_data's 64 training patches: the same 8 batches an epoch as the
+    # CNN's runs (STOP_AT), at a quarter of the cost of tiny_data's.
+    return {"model": "timm", "timm": {"name": name, "drop_path_rate": 0.1}, "batch_size": 8}
+
+
+@pytest.fixture(scope="session", params=TIMM_MODELS)
+def timm_run(request, timm_data, tmp_path_factory) -> tuple[str, Path]:
+    """One uninterrupted small run of each timm architecture: (its name, its directory)."""
+    name = request.param
+    run = tmp_path_factory.mktemp(f"timm-{name}")
+    return name, train_in(run, timm_data, small_run_params(train=timm_train(name)))
+
+
+@pytest.mark.heavy
+def test_a_timm_twin_preempted_by_sigusr1_resumes_to_identical_outputs(
+    timm_run, timm_data, tmp_path
+):
+    # The twin: another process (two: stopped, then resumed) trains the same params as the
+    # in-process reference; every output byte must match. One test for both promises: a
+    # resnet18 run costs ~25 s on 2 cores.
+    name, reference = timm_run
+    write_params_file(tmp_path, train=timm_train(name))
+    code, log = run_until_stopped(tmp_path, timm_data, signal.SIGUSR1)
+    assert code == EXIT_PREEMPTED, log[-4000:]
+    batch = assert_saved_mid_epoch(tmp_path, 3)
+    resumed = run_pcam(["train"], tmp_path, timm_data)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"resuming from models/last.pt at epoch 2, batch {batch}" in resumed.stdout
+    assert_same_bytes(outputs(reference), outputs(tmp_path))
+    best = load_checkpoint(tmp_path / "models" / "best.pt")
+    assert best["params"]["train"]["timm"]["name"] == name
+    history = best["progress"]["history"]
+    assert all(math.isfinite(row[metric]) for row in history for metric in METRICS)

@@ -23,7 +23,7 @@ import torch
 from pcam_pipeline import distributed
 from pcam_pipeline.distributed import World
 from pcam_pipeline.errors import DamagedCheckpoint, PipelineError, RefusedCheckpoint
-from pcam_pipeline.params import Params
+from pcam_pipeline.params import Params, TrainParams
 from pcam_pipeline.repro import (
     load_checkpoint,
     md5_file,
@@ -45,11 +45,21 @@ CHECKPOINT_FORMAT = 1
 TRAINED_SECTIONS = ("cpu", "train", "loader")
 
 
+def used_train_params(train: TrainParams) -> dict[str, Any]:
+    """train's params as a run uses them: `train.timm` only when the model is a timm one, so
+    the CNN's and the MLP's checkpoints stayed byte-identical when the section was added."""
+    used = train.model_dump()
+    if train.model != "timm":
+        del used["timm"]
+    return used
+
+
 def recorded_params(params: Params) -> dict[str, Any]:
     """The params sections a checkpoint records: what its weights depend on, and what `pcam
     predict` rebuilds the model from."""
     everything = params.as_dict()
-    return {section: everything[section] for section in TRAINED_SECTIONS}
+    recorded = {section: everything[section] for section in TRAINED_SECTIONS}
+    return {**recorded, "train": used_train_params(params.train)}
 
 
 def fingerprint(params: Params, data_md5: dict[str, str], order: str) -> str:
@@ -61,7 +71,7 @@ def fingerprint(params: Params, data_md5: dict[str, str], order: str) -> str:
     run resumed with other kernels would end in weights neither setting gives.
     """
     relevant = {
-        "train": params.train.model_dump(),
+        "train": used_train_params(params.train),
         "cpu": params.cpu.model_dump(),
         "data": data_md5,
         "order": order,

@@ -29,12 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
         "download", help="download the official PCAM files into data/raw (resumable, verified)"
     )
     download.add_argument("--dir", type=Path, default=RAW_DIR, help="target directory")
+    weights = commands.add_parser("weights", help="pretrained weights for train.timm.pretrained")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    fetch_weights = weights_commands.add_parser(
+        "download", help="a timm model's weights from the Hugging Face hub into weights/"
+    )
+    fetch_weights.add_argument("tag", help="timm's pretrained name, e.g. resnet18.a1_in1k")
     predict = commands.add_parser("predict", help="score patches with a checkpoint")
     predict.add_argument("checkpoint", type=Path)
     predict.add_argument("inputs", type=Path, nargs="+", help="an HDF5 file (key x) or PNG files")
     predict.add_argument("--out", type=Path, required=True, help="CSV of per-patch probabilities")
     predict.add_argument("--threshold", type=float, help="also write a 0/1 prediction")
     predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.add_argument(
+        "--tta",
+        default="none",
+        choices=["none", "flips", "d8"],
+        help="mean probability over the square's symmetries (as evaluate.tta; none by default)",
+    )
     report = commands.add_parser(
         "report", help="compare against a base revision offline: reports/compare/report.md"
     )
@@ -57,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             numerics.pin("portable")
             from pcam_pipeline import predict
 
-            predict.main(args.checkpoint, args.inputs, args.out, args.threshold, args.device)
+            predict.main(
+                args.checkpoint, args.inputs, args.out, args.threshold, args.device, tta=args.tta
+            )
+            return 0
+        if args.command == "weights":
+            from pcam_pipeline import weights
+
+            weights.main(args.tag)
             return 0
         if args.command == "report":
             from pcam_pipeline.review import report

@@ -9,13 +9,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from pcam_pipeline.data.loader import DeviceBatches, normalise
+from pcam_pipeline.data.loader import DeviceBatches, apply_symmetries, normalise, symmetry_tables
 from pcam_pipeline.data.processed import normalisation
 from pcam_pipeline.errors import CheckpointError
 from pcam_pipeline.models import build_model
 from pcam_pipeline.params import TrainParams
 from pcam_pipeline.repro import first_sentence, load_checkpoint
 from pcam_pipeline.runtime import uses_channels_last
+
+# Test-time augmentation: the symmetry codes (data/loader.py's) a patch is scored under. Flips:
+# identity, rows, columns, both (rotation by 180 degrees); d8: with the transposes, all 8.
+TTA_CODES = {"none": (0,), "flips": (0, 1, 2, 3), "d8": tuple(range(8))}
+
+
+def under_symmetries(x: torch.Tensor, codes: tuple[int, ...]) -> torch.Tensor:
+    """(B,H,W,C) -> (len(codes)*B,H,W,C): the batch under each symmetry in turn, one gather."""
+    n = x.shape[0]
+    every = torch.tensor(codes, device=x.device).repeat_interleave(n)
+    tables = symmetry_tables(x.shape[1], x.device)
+    return apply_symmetries(x.repeat(len(codes), 1, 1, 1), every, tables)
 
 
 @torch.no_grad()
@@ -26,19 +38,25 @@ def predict_batches(
     std: torch.Tensor,
     device: torch.device,
     bf16: bool = False,
+    tta: str = "none",
 ) -> np.ndarray:
-    """Sigmoid probabilities for uint8 (B,96,96,3) batches, in order.
+    """Sigmoid probabilities for uint8 (B,96,96,3) batches, in order; with `tta`, each patch's
+    mean probability over the symmetries TTA_CODES[tta] (one forward of the batch under all).
 
     The probabilities stay on the device until the last batch: one wait, not one per batch.
     """
     model.eval()
+    codes = TTA_CODES[tta]
     outputs = []
     for x in batches:
         x = x.to(device, non_blocking=True)
+        if len(codes) > 1:
+            x = under_symmetries(x, codes)
         images = normalise(x, mean, std, channels_last=uses_channels_last(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images)
-        outputs.append(torch.sigmoid(logits.float()))
+        probs = torch.sigmoid(logits.float())
+        outputs.append(probs.view(len(codes), -1).mean(dim=0) if len(codes) > 1 else probs)
     if not outputs:
         return np.empty(0)
     return torch.cat(outputs).cpu().numpy().astype(np.float64)
@@ -51,11 +69,12 @@ def predict_split(
     std: torch.Tensor,
     batch_size: int,
     bf16: bool = False,
+    tta: str = "none",
 ) -> np.ndarray:
     """Probabilities for a whole split, in file order, fed to its device as training is."""
     order = torch.arange(split.split.length)
     batches = (x for x, _ in split.batches(order, batch_size))
-    return predict_batches(model, batches, mean, std, split.device, bf16)
+    return predict_batches(model, batches, mean, std, split.device, bf16, tta)
 
 
 def model_from_checkpoint(

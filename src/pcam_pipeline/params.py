@@ -109,15 +109,48 @@ class MlpParams(_Section):
     dropout: float = Field(ge=0, lt=1)
 
 
+WEIGHTS_DIR = "weights"  # pretrained weights, DVC-tracked; the train stage depends on it
+WEIGHTS_SUFFIX = ".safetensors"
+
+
+class TimmParams(_Section):
+    """A model from timm (PyTorch Image Models) by its name, e.g. resnet18, efficientnet_b0, or
+    vit_small_patch16_224 (built for 96x96 patches), with one output logit."""
+
+    name: str = Field(min_length=1)
+    # null: random initialisation; else a file under weights/ made by `pcam weights download`
+    pretrained: str | None
+    drop_rate: float = Field(ge=0, lt=1)  # dropout before the classifier
+    drop_path_rate: float = Field(ge=0, lt=1)  # stochastic depth, where the model has it
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_is_a_weights_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value)
+        if path.parent != Path(WEIGHTS_DIR) or path.suffix != WEIGHTS_SUFFIX:
+            raise ValueError(
+                f"must be null or a file {WEIGHTS_DIR}/<name>{WEIGHTS_SUFFIX} (as `pcam weights "
+                "download` writes it, which the train stage depends on)"
+            )
+        return value
+
+
+# What checkpoints written before train.timm existed were trained with: no timm model at all.
+TIMM_UNUSED = TimmParams(name="resnet18", pretrained=None, drop_rate=0.0, drop_path_rate=0.0)
+
+
 class AugmentParams(_Section):
     flip: bool
     rot90: bool
 
 
 class TrainParams(_Section):
-    model: Literal["cnn", "mlp"]
+    model: Literal["cnn", "mlp", "timm"]
     cnn: CnnParams
     mlp: MlpParams
+    timm: TimmParams = TIMM_UNUSED
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     optimizer: Literal["adamw", "sgd"]
@@ -157,6 +190,8 @@ class EvaluateParams(_Section):
     calibration_bins: int = Field(ge=2)
     n_error_examples: int = Field(ge=0)
     batch_size: int = Field(gt=0)
+    # test-time augmentation: the mean probability over none, the 4 flips, or all 8 symmetries
+    tta: Literal["none", "flips", "d8"]
 
 
 class BenchmarkParams(_Section):
@@ -168,6 +203,9 @@ class BenchmarkParams(_Section):
     latency_iters: int = Field(gt=1)
     loader_patches: int = Field(gt=0)
     baseline_patches: int = Field(gt=0)
+    # The architectures whose training loop is timed, one row each: `train` (the model train.*
+    # configures), `cnn`, `mlp`, or a timm model's name (train.timm's other settings)
+    models: list[str] = Field(min_length=1)
 
 
 class Params(_Section):

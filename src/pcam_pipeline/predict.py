@@ -115,6 +115,7 @@ def main(
     threshold: float | None,
     device_choice: str = "auto",
     batch_size: int = 256,
+    tta: str = "none",
 ) -> None:
     device = resolve_device(device_choice)
     try:
@@ -133,7 +134,7 @@ def main(
             names.extend(block_names)
             yield torch.from_numpy(block)
 
-    probs = predict_batches(model, batches(), mean, std, device, bf16)
+    probs = predict_batches(model, batches(), mean, std, device, bf16, tta)
     header = ["patch", "probability", *(["prediction"] if threshold is not None else [])]
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)

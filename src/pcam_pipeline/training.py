@@ -21,6 +21,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,9 @@ from pcam_pipeline.data.loader import (
     symmetry_tables,
 )
 from pcam_pipeline.distributed import SINGLE, World
-from pcam_pipeline.models import INPUT_SHAPE, build_model
+from pcam_pipeline.models import INPUT_SHAPE, TimmModel, build_model
 from pcam_pipeline.params import LoaderParams, TrainParams
+from pcam_pipeline.pretrained import load_pretrained
 from pcam_pipeline.runtime import uses_bf16, uses_channels_last
 
 log = logging.getLogger(__name__)
@@ -201,8 +203,11 @@ class SingleThreadWeightGrad(torch.autograd.Function):
 def prepare_model(params: TrainParams, device: torch.device) -> nn.Module:
     """The model of `params` on `device`, as the training loop runs it: with portable CPU
     numerics its convolutions sum their weight gradients on one thread (eager only), on CUDA it
-    is channels_last."""
-    model = build_model(params).to(device)
+    is channels_last. A timm model starts from `train.timm.pretrained` when it names a file."""
+    model = build_model(params)
+    if isinstance(model, TimmModel) and params.timm.pretrained is not None:
+        load_pretrained(model.net, Path(params.timm.pretrained))
+    model = model.to(device)
     if device.type == "cpu" and params.compile == "off" and numerics.active() == "portable":
         portable_convolutions(model)
     if uses_channels_last(device):

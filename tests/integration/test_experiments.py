@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
 import pytest
 import yaml
 
@@ -159,3 +160,28 @@ def test_queued_sweep_runs_every_value(small_repo):
     }
     assert set(swept) == {0.001, 0.003}
     assert len({*swept.values(), metric(baseline, "test", "auroc")}) == 3, swept
+
+
+def test_a_timm_resnet_trains_as_an_experiment_and_predict_scores_with_it(small_repo):
+    result = run(
+        ["dvc", "exp", "run", "-S", "train.model=timm", "-S", "train.timm.name=resnet18",
+         "-S", "train.batch_size=32", "-n", "resnet18"],
+        small_repo,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
+    _, experiments = exp_show(small_repo)
+    assert metric(experiments["resnet18"], "tta") == "none"
+    best = load_checkpoint(small_repo / "models" / "best.pt")
+    assert best["params"]["train"]["timm"]["name"] == "resnet18"
+    # The handover: the checkpoint alone rebuilds the architecture.
+    scores = small_repo.parent / "resnet18-scores.csv"
+    run(
+        ["pcam", "predict", "models/best.pt", "data/processed/test.h5", "--out", str(scores),
+         "--device", "cpu", "--tta", "flips"],
+        small_repo,
+    )  # fmt: skip
+    rows = scores.read_text().splitlines()
+    with h5py.File(small_repo / "data" / "processed" / "test.h5", "r") as test:
+        assert rows[0] == "patch,probability" and len(rows) == 1 + len(test["x"])
+    assert all(0 < float(row.split(",")[1]) < 1 for row in rows[1:])

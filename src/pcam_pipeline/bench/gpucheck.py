@@ -58,6 +58,9 @@ CONFIGS: tuple[Config, ...] = (
 BASELINE_BATCHES = (64, 256, 1024)
 # DistributedDataParallel on one GPU (a process group of one) against the plain loop above.
 DDP_CONFIGS: tuple[Config, ...] = ((64, "bf16", "off"), (256, "bf16", "off"), (1024, "bf16", "off"))
+# timm architectures at batch 256 in bf16, eager and compiled (CUDA graphs).
+TIMM_MODELS = ("resnet18", "resnet50")
+TIMM_CONFIGS: tuple[Config, ...] = ((256, "bf16", "off"), (256, "bf16", "reduce-overhead"))
 WARMUP_STEPS = 20
 BASELINE_RUNNER = Path(__file__).with_name("baseline_epoch.py")
 
@@ -79,17 +82,20 @@ def prepare_data(params: Params, root: Path, patches: int) -> dict[str, Any]:
     return result
 
 
-def cuda_train_params(params: Params, config: Config) -> TrainParams:
-    """params.train for one row of the table: on CUDA, at this batch size, precision, compile."""
+def cuda_train_params(params: Params, config: Config, timm_name: str | None = None) -> TrainParams:
+    """params.train for one row of the table: on CUDA, at this batch size, precision, compile;
+    with `timm_name`, that timm architecture (randomly initialised) in place of train.model."""
     batch_size, precision, compile_mode = config
-    return params.train.model_copy(
-        update={
-            "batch_size": batch_size,
-            "bf16": precision == "bf16",
-            "compile": compile_mode,
-            "device": "cuda",
-        }
-    )
+    update: dict[str, Any] = {
+        "batch_size": batch_size,
+        "bf16": precision == "bf16",
+        "compile": compile_mode,
+        "device": "cuda",
+    }
+    if timm_name is not None:
+        timm = params.train.timm.model_copy(update={"name": timm_name, "pretrained": None})
+        update.update(model="timm", timm=timm)
+    return params.train.model_copy(update=update)
 
 
 class GpuLoops:
@@ -106,24 +112,33 @@ class GpuLoops:
         torch.cuda.synchronize()
         record("feeder", {"mode": self.feeder.mode, "to_device_s": time.perf_counter() - start})
 
-    def time(self, config: Config, ddp: bool = False) -> dict[str, Any]:
-        train = cuda_train_params(self.params, config)
+    def time(
+        self, config: Config, ddp: bool = False, timm_name: str | None = None
+    ) -> dict[str, Any]:
+        train = cuda_train_params(self.params, config, timm_name)
         feed = (self.feeder, self.mean, self.std)
         row = time_loop(train, self.params.loader, *feed, WARMUP_STEPS, self.budget_s, ddp=ddp)
         log.info("%s", row)
         return row
 
-    def table(self, configs: tuple[Config, ...]) -> None:
+    def table(
+        self, configs: tuple[Config, ...], key: str = "loop", timm_name: str | None = None
+    ) -> None:
+        """Time each config into result[key] (with `timm_name`: that architecture's rows)."""
         rows = []
         for config in configs:
             try:
-                row = self.time(config)
+                row = self.time(config, timm_name=timm_name)
             except Exception as error:  # one failing configuration must not hide the others
                 batch_size, precision, compile_mode = config
                 row = {"batch_size": batch_size, "precision": precision, "compile": compile_mode}
                 row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
             rows.append(row)
-            self.record("loop", rows)
+            self.record(key, rows)
+
+    def timm_tables(self) -> None:
+        for name in TIMM_MODELS:
+            self.table(TIMM_CONFIGS, f"loop_{name}", timm_name=name)
 
     def ddp_table(self) -> None:
         import torch.distributed as dist
@@ -220,6 +235,9 @@ def ddp_lines(result: dict[str, Any]) -> list[str]:
 
 def table(result: dict[str, Any]) -> str:
     lines = loop_lines(result)
+    for name in TIMM_MODELS:
+        if result.get(f"loop_{name}"):
+            lines += ["", f"timm {name}:", *loop_lines({"loop": result[f"loop_{name}"]})]
     if result.get("ddp_one_gpu"):
         lines += ["", *ddp_lines(result)]
     return "\n".join(lines)
@@ -248,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows to time, e.g. 64:bf16:off,1024:bf16:reduce-overhead (default: the full table)",
     )
     parser.add_argument("--no-ddp", action="store_true", help="skip DDP on one GPU")
+    parser.add_argument(
+        "--no-timm", action="store_true", help=f"skip the timm rows ({', '.join(TIMM_MODELS)})"
+    )
     return parser
 
 
@@ -258,6 +279,8 @@ def run(args: argparse.Namespace, params: Params, record: Record) -> None:
         record("data", prepare_data(params, work, args.patches))
         loops = GpuLoops(params, work / "processed", args.budget, record)
         loops.table(parse_configs(args.configs))
+        if not args.no_timm:
+            loops.timm_tables()
         if not args.no_ddp:
             loops.ddp_table()
         if args.baseline is not None:

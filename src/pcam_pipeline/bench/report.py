@@ -25,6 +25,17 @@ LOADER_DESIGNS = (
 )
 
 
+# benchmark.json's figures per architecture
+ARCHITECTURE_FIGURES = (
+    "parameters",
+    "batch_size",
+    "end_to_end_img_s",
+    "resident_img_s",
+    "fed_fraction",
+    "pcam_epoch_s",
+)
+
+
 def series(row: dict[str, Any]) -> str:
     return f"{row['device']}_{row['precision']}"
 
@@ -80,11 +91,19 @@ def metrics_from(results: dict[str, Any]) -> dict[str, Any]:
         row_key(r): {k: v for k, v in r.items() if isinstance(v, int | float) and k != "batch_size"}
         for r in results["loop"]["rows"]
     }
+    architectures = {
+        r["model"]: {
+            k: v for k, v in r.items() if k in ARCHITECTURE_FIGURES or k in ("oom", "precision")
+        }
+        for r in results["architectures"]["rows"]
+    }
     copied = ("loader", "memory", "targets", "environment", "headline_series")
     timings = ("seconds", "seconds_loader", "seconds_models", "seconds_loop")
+    timings += ("seconds_architectures",)
     return {
         **{key: results[key] for key in (*copied, *timings)},
         "loop": loop,
+        "architectures": architectures,
         "model": model,
         "latency_batch1": results["models"]["latency_batch1"],
         "skipped": results["models"]["skipped"],
@@ -123,6 +142,13 @@ def write_reports(results: dict[str, Any]) -> None:
     ]
     write_json(BENCHMARK_DIR / "throughput.json", throughput)
     write_json(BENCHMARK_DIR / "loop.json", loop)
+    write_json(
+        BENCHMARK_DIR / "architectures.json",
+        [
+            {"model": r["model"], "end_to_end_img_s": r.get("end_to_end_img_s")}
+            for r in results["architectures"]["rows"]
+        ],
+    )
     write_json(BENCHMARK_DIR / "throughput_all.json", [{"series": series(r), **r} for r in rows])
     write_json(BENCHMARK_DIR / "loader.json", designs)
 
@@ -160,5 +186,14 @@ def log_results(results: dict[str, Any]) -> None:
                 row["resident_img_s"],
                 100 * row["fed_fraction"],
                 row["pcam_epoch_s"],
+            )
+    for row in results["architectures"]["rows"]:
+        if "end_to_end_img_s" in row:
+            log.info(
+                "training loop of %s (%d parameters), batch %d: %.0f img/s end to end",
+                row["model"],
+                row["parameters"],
+                row["batch_size"],
+                row["end_to_end_img_s"],
             )
     log.info("benchmark done in %.1f s", results["seconds"])

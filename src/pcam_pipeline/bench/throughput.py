@@ -30,6 +30,7 @@ from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.data.pcam import PATCH_SHAPE
 from pcam_pipeline.data.processed import ProcessedData, normalisation
 from pcam_pipeline.inference import predict_batches
+from pcam_pipeline.models import build_model
 from pcam_pipeline.params import BenchmarkParams, Params, TrainParams
 from pcam_pipeline.runtime import processed_data, resolve_device, uses_bf16
 from pcam_pipeline.training import TrainStep, build_optimizer, prepare_model
@@ -170,3 +171,31 @@ def time_loops(params: Params) -> dict[str, Any]:
                 )
             rows.append(row)
     return {"rows": rows, "feeder": feeder.mode, "feeder_note": feeder.note}
+
+
+def architecture(train: TrainParams, entry: str) -> TrainParams:
+    """train's params with the model of a `benchmark.models` entry (its other settings kept)."""
+    if entry == "train":
+        return train
+    if entry in ("cnn", "mlp"):
+        return train.model_copy(update={"model": entry})
+    timm = train.timm.model_copy(update={"name": entry, "pretrained": None})
+    return train.model_copy(update={"model": "timm", "timm": timm})
+
+
+def time_architectures(params: Params) -> dict[str, Any]:
+    """The architecture table: per `benchmark.models` entry, its parameter count and its
+    training loop (train's device, batch size, precision and compile mode) end to end against
+    resident data. Random weights: pretrained ones cost the same time."""
+    device = resolve_device(params.train.device)
+    feeder, mean, std = train_feed(processed_data(), params, device)
+    rows = []
+    for entry in params.benchmark.models:
+        train = architecture(params.train, entry)
+        name = train.timm.name if train.model == "timm" else train.model
+        parameters = sum(p.numel() for p in build_model(train).parameters())
+        row = time_loop(
+            train, params.loader, feeder, mean, std, params.benchmark.warmup_iters, LOOP_BUDGET_S
+        )
+        rows.append({"model": name, "parameters": parameters, **row})
+    return {"rows": rows}

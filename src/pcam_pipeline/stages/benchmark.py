@@ -1,11 +1,12 @@
 """benchmark: how fast the data path and the model run here, written as DVC metrics and plots.
 
-Three tables, each timing the code the stages run (the measurements are in `bench/`): the
+Four tables, each timing the code the stages run (the measurements are in `bench/`): the
 loader designs side by side on the train split's bytes (`bench.loaders`), the model's train
 step and inference over batch sizes, devices and precisions (`bench.throughput.time_models`),
 and the training loop end to end against its step on resident data
-(`bench.throughput.time_loops`). The full-size validate/preprocess timings are not part of the
-stage: `python -m pcam_pipeline.bench.perf full`.
+(`bench.throughput.time_loops`), also per architecture of `benchmark.models`
+(`bench.throughput.time_architectures`). The full-size validate/preprocess timings are not
+part of the stage: `python -m pcam_pipeline.bench.perf full`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pcam_pipeline.bench.report import (
     memory_peaks,
     write_reports,
 )
-from pcam_pipeline.bench.throughput import time_loops, time_models
+from pcam_pipeline.bench.throughput import time_architectures, time_loops, time_models
 from pcam_pipeline.params import Params
 from pcam_pipeline.runtime import processed_data
 
@@ -35,9 +36,12 @@ def run(params: Params) -> dict[str, Any]:
     results["models"] = time_models(params)
     models_done = time.perf_counter()
     results["loop"] = time_loops(params)
+    loop_done = time.perf_counter()
+    results["architectures"] = time_architectures(params)
     results["seconds_loader"] = loader_done - started
     results["seconds_models"] = models_done - loader_done
-    results["seconds_loop"] = time.perf_counter() - models_done
+    results["seconds_loop"] = loop_done - models_done
+    results["seconds_architectures"] = time.perf_counter() - loop_done
     results["targets"] = loader_targets(results["loader"])
     results["headline_series"] = headline_series(params)
     ratio = loader_over_train_step(results, params)

@@ -121,6 +121,7 @@ def evaluate(
     test = classification_report(labels_test, probs_test, threshold, params.calibration_bins)
     baseline = majority_baseline(train_labels, labels_test)
     return {
+        "tta": params.tta,
         "threshold": {"rule": params.threshold_rule, "value": threshold, "chosen_on": "valid"},
         "valid": {"auroc": auroc(labels_valid, probs_valid), "n": len(labels_valid)},
         "test": test,
@@ -164,6 +165,7 @@ def main(params: Params) -> None:
             std,
             params.evaluate.batch_size,
             bf16,
+            params.evaluate.tta,  # the threshold is chosen on valid under the same TTA
         )
         for name in ("valid", "test")
     }
