@@ -219,7 +219,9 @@ def save_with_record(path: Path, checkpoint: dict[str, Any]) -> None:
         "md5": md5_file(path),
         **run_record(),
         "device": checkpoint["provenance"]["device"],
-        "versions": package_versions(),
+        # torch.__version__ names the build (2.13.0+cu130, 2.13.0+cpu); the package metadata
+        # of PyPI's build says only 2.13.0.
+        "versions": {**package_versions(), "torch": torch.__version__},
         "cpu": cpu_numerics_record(),
     }
     write_json(provenance_path(path), record)
