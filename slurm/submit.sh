@@ -4,6 +4,7 @@
 #   slurm/submit.sh [SBATCH_OPTIONS...] repro [DVC_REPRO_ARGS...]
 #   slurm/submit.sh [SBATCH_OPTIONS...] sweep GRID_FILE
 #   slurm/submit.sh [SBATCH_OPTIONS...] benchmark
+#   slurm/submit.sh [SBATCH_OPTIONS...] search STUDY_FILE [--array=0-7 ...]   (one worker a task)
 #
 # e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`;
 # all GPUs of a node: `--gpus=4 repro`; two nodes: `--nodes=2 --ntasks-per-node=4 --gpus-per-node=4
@@ -22,7 +23,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -51,7 +52,7 @@ apply_env_file() {
 sbatch_opts=()
 while (($#)); do
     case $1 in
-        repro | sweep | benchmark) break ;;
+        repro | sweep | benchmark | search) break ;;
         -h | --help) usage ;;
         *) sbatch_opts+=("$1") ;;
     esac
@@ -81,6 +82,18 @@ case $what in
         for o in "${sbatch_opts[@]}"; do [[ $o == --array* || $o == -a* ]] && have_array=1; done
         ((have_array)) || sbatch_opts+=("--array=1-$n")
         set -- "$grid"
+        ;;
+    search)
+        (($# >= 1)) || die "usage: slurm/submit.sh search STUDY_FILE [--array=0-N (one worker a task)]"
+        study=$1
+        shift
+        [[ -f $study ]] || die "study file '$study' not found."
+        study=$(cd "$(dirname "$study")" && pwd -P)/$(basename "$study")
+        sbatch_opts+=("$@") # options after the study file go to sbatch too (--array=0-7)
+        have_array=0
+        for o in "${sbatch_opts[@]}"; do [[ $o == --array* || $o == -a* ]] && have_array=1; done
+        ((have_array)) || sbatch_opts+=("--array=0-1")
+        set -- "$study"
         ;;
     benchmark) (($# == 0)) || die "benchmark takes no arguments (choose the partition with -p PARTITION)." ;;
 esac

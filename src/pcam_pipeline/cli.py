@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser(
         "search", help="an Optuna study of DVC experiments; `search apply-best STUDY`: its champion"
     )
-    search.add_argument("study", nargs="+", metavar="[apply-best] STUDY_FILE")
+    search.add_argument("study", nargs="+", metavar="[apply-best|report] STUDY_FILE")
+    search.add_argument(
+        "-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a param every experiment also sets (e.g. train.device=cuda)",
+    )  # fmt: skip
     search.add_argument("--workers", type=int, default=1, help="local worker processes")
     search.add_argument("--worker", help=argparse.SUPPRESS)  # one worker of a study, no report
     search.add_argument("--stale-after", type=float, default=120.0, help="s without a heartbeat")
@@ -72,20 +76,23 @@ def run_experiments_command(args: argparse.Namespace) -> None:
         return
     from pcam_pipeline.experiments import search, study
 
-    apply, files = args.study[0] == "apply-best", args.study
-    if apply:
-        files = files[1:]
+    verb, files = "run", args.study
+    if files[0] in ("apply-best", "report"):
+        verb, files = files[0], files[1:]
     if len(files) != 1:
-        raise ParamsError("usage: pcam search [apply-best] STUDY_FILE (one study file)")
+        raise ParamsError("usage: pcam search [apply-best|report] STUDY_FILE (one study file)")
     load_params(args.params)  # a bad params.yaml is named before any trial
     spec = study.load_study(Path(files[0]), yaml.safe_load(args.params.read_text()))
-    if apply:
+    if verb == "apply-best":
         search.apply_best(spec)
+    elif verb == "report":
+        search.report(spec)
     else:
-        search.main(
-            spec, Path(files[0]), Path("."), args.workers, args.worker,
-            args.stale_after, args.heartbeat,
-        )  # fmt: skip
+        fixed = study.parse_assignments(args.set)
+        options = search.WorkerOptions(
+            args.stale_after, args.heartbeat, fixed, os.environ.get("PCAM_COMMIT")
+        )
+        search.main(spec, Path(files[0]), Path("."), args.workers, args.worker, options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,12 +44,13 @@ def exp_run(repo: Path, name: str, params: Mapping[str, Any]) -> None:
     command(["dvc", "exp", "run", "-n", name, *set_args(params)], repo)
 
 
-def clone_for_worker(submit: Path, work: Path) -> Path:
-    """A clone of `submit` at its HEAD in `work` sharing its DVC cache (what slurm/lib.sh's
-    pcam_clone does for sweep jobs): an experiment runs there without taking `submit`'s lock, and
-    `dvc exp push origin NAME` sends it back. A clone left at the same commit is reused."""
+def clone_for_worker(submit: Path, work: Path, commit: str | None = None) -> Path:
+    """A clone of `submit` at `commit` (default: its HEAD) in `work` sharing its DVC cache (what
+    slurm/lib.sh's pcam_clone does for sweep jobs): an experiment runs there without taking
+    `submit`'s lock, and `dvc exp push origin NAME` sends it back. A clone left at the same
+    commit is reused."""
     submit = submit.resolve()
-    head = command(["git", "rev-parse", "HEAD"], submit).strip()
+    head = commit or command(["git", "rev-parse", "HEAD"], submit).strip()
     if (work / ".git").exists() and command(["git", "rev-parse", "HEAD"], work).strip() == head:
         command(["git", "checkout", "--quiet", "--force", head], work)  # an interrupted run's edits
         return work

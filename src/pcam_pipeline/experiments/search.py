@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,22 @@ from pcam_pipeline.experiments.records import (
 from pcam_pipeline.experiments.search_report import ORIGIN_ATTR, origin_number
 from pcam_pipeline.experiments.stats import spread
 from pcam_pipeline.experiments.study import Choice, IntRange, LogUniform, Study, experiment_name
+from pcam_pipeline.paths import PARAMS_FILE
+from pcam_pipeline.repro import atomic_path
 
 WORK_ROOT_ENV = "PCAM_WORK_ROOT"  # as in slurm/lib.sh: where workers make their clones
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0  # a RUNNING trial without a heartbeat this long has lost its worker
 MAX_RETRY = 3
 SCALARS = (str, int, float, bool)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    stale_after: float = STALE_AFTER_S
+    heartbeat: float = HEARTBEAT_S
+    fixed: dict[str, Any] = field(default_factory=dict)  # -S: set in every experiment
+    commit: str | None = None  # the commit the clones run (Slurm: PCAM_COMMIT); else HEAD
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,9 @@ def reported_metrics(record: ExperimentRecord) -> dict[str, float]:
     return {k: v for k, v in record.metrics.items() if is_validation_metric(k) or is_test_metric(k)}
 
 
-def run_trial(spec: Study, place: Place, clone: Path, trial: Any, values: dict[str, Any]) -> float:
+def run_trial(
+    spec: Study, clone: Path, trial: Any, values: dict[str, Any], fixed: dict[str, Any]
+) -> float:
     """Each seed's experiment (run here, or reused when pushed by an earlier attempt); the mean
     of the objective metric over them. Per-seed metrics are kept in the trial's user attrs."""
     number = origin_number(trial)
@@ -145,7 +158,7 @@ def run_trial(spec: Study, place: Place, clone: Path, trial: Any, values: dict[s
             continue
         print(f"trial {number}: {name}: {values}", flush=True)
         dvc.command(["git", "checkout", "--", "params.yaml"], clone)
-        dvc.exp_run(clone, name, {**values, SEED_PARAM: seed})
+        dvc.exp_run(clone, name, {**fixed, **values, SEED_PARAM: seed})
         dvc.exp_push(clone, name)
     records = {r.name: r for r in read_experiments(clone)}
     missing = [n for n in names if n not in records]
@@ -230,34 +243,36 @@ def next_trial(
         lock.release()
 
 
-def work(spec: Study, place: Place, worker: str, stale_after: float, beat: float) -> None:
+def work(spec: Study, place: Place, worker: str, options: WorkerOptions) -> None:
     """One worker: trials until the study has n_trials complete ones."""
     from optuna.trial import TrialState
 
     study = open_study(spec, place)
-    clone = dvc.clone_for_worker(place.repo, place.clone(worker))
+    clone = dvc.clone_for_worker(place.repo, place.clone(worker), options.commit)
     while True:
-        step = next_trial(spec, study, place, stale_after)
+        step = next_trial(spec, study, place, options.stale_after)
         if step == "done":
             break
         if step == "wait":
-            time.sleep(beat)
+            time.sleep(options.heartbeat)
             continue
         trial, values = step
-        with heartbeat(trial, beat):
+        with heartbeat(trial, options.heartbeat):
             try:
-                value = run_trial(spec, place, clone, trial, values)
+                value = run_trial(spec, clone, trial, values, options.fixed)
             except PipelineError:
                 study.tell(trial, state=TrialState.FAIL)
                 raise
         study.tell(trial, value)
         print(f"trial {origin_number(trial)}: {spec.objective.metric} = {value:.4f}", flush=True)
+    shutil.rmtree(clone)  # its experiments are pushed; a failed worker's clone is kept
 
 
-def worker_command(study_file: Path, worker: str, stale_after: float, beat: float) -> list[str]:
+def worker_command(study_file: Path, worker: str, options: WorkerOptions) -> list[str]:
+    fixed = [f"--set={key}={json.dumps(value)}" for key, value in options.fixed.items()]
     return [
-        sys.executable, "-m", "pcam_pipeline.cli", "search", str(study_file),
-        "--worker", worker, "--stale-after", str(stale_after), "--heartbeat", str(beat),
+        sys.executable, "-m", "pcam_pipeline.cli", "search", str(study_file), "--worker", worker,
+        "--stale-after", str(options.stale_after), "--heartbeat", str(options.heartbeat), *fixed,
     ]  # fmt: skip
 
 
@@ -274,14 +289,14 @@ def main(
     repo: Path = Path("."),
     workers: int = 1,
     worker: str | None = None,
-    stale_after: float = STALE_AFTER_S,
-    beat: float = HEARTBEAT_S,
+    options: WorkerOptions = WorkerOptions(),
 ) -> None:
-    """`workers` > 1: that many worker processes, then the report; else work here."""
+    """`workers` > 1: that many worker processes, then the report; else work here. With
+    `worker` (a Slurm array task, a --workers child): work only, no report."""
     place = Place(repo.resolve(), spec.name)
     if workers > 1 and worker is None:
         processes = [
-            subprocess.Popen(worker_command(study_file, f"{i}", stale_after, beat), cwd=repo)
+            subprocess.Popen(worker_command(study_file, f"{os.getpid()}-{i}", options), cwd=repo)
             for i in range(workers)
         ]
         codes = [p.wait() for p in processes]
@@ -291,15 +306,32 @@ def main(
                 f"rerun `pcam search {study_file}` to continue the study"
             )
     else:
-        work(spec, place, worker or default_worker_id(), stale_after, beat)
+        work(spec, place, worker or default_worker_id(), options)
     if worker is None:
-        search_report.main(spec, open_study(spec, place), place.reports)
+        report(spec, repo)
+
+
+def report(spec: Study, repo: Path = Path(".")) -> None:
+    """reports/search/<study>/ from the study's journal as it stands."""
+    place = Place(repo.resolve(), spec.name)
+    if not place.journal.exists():
+        raise PipelineError(f"{place.journal}: no such study yet; run `pcam search` first")
+    search_report.main(spec, open_study(spec, place), place.reports)
 
 
 def apply_best(spec: Study, repo: Path = Path(".")) -> str:
-    """`dvc exp apply` the champion's first-seed experiment: its params.yaml (with that seed)
-    and outputs in the workspace, ready to commit."""
+    """The champion's params.yaml (from its first seed's experiment commit) into the workspace,
+    ready to commit; `dvc repro` then restores its outputs from the run-cache. (Not `dvc exp
+    apply`: it also checks out data/raw, which the default pipeline never downloads.)"""
     name = search_report.best_experiment(Place(repo.resolve(), spec.name).reports)
-    dvc.command(["dvc", "exp", "apply", name], repo)
-    print(f"applied {name}: `git diff params.yaml` shows the champion's params; commit them")
+    records = {r.name: r for r in read_experiments(repo)}
+    if name not in records:
+        raise PipelineError(
+            f"{repo.resolve()}: the champion's experiment {name} is not in `dvc exp show`: "
+            f"`dvc exp pull origin {name}` it, or rerun `pcam search` here"
+        )
+    text = dvc.command(["git", "show", f"{records[name].rev}:{PARAMS_FILE}"], repo)
+    with atomic_path(repo / PARAMS_FILE) as tmp:
+        tmp.write_text(text)
+    print(f"{PARAMS_FILE}: the params of {name}; `git diff {PARAMS_FILE}` shows them; commit them")
     return name

@@ -197,3 +197,14 @@ def load_study(path: Path, raw_params: dict[str, Any]) -> Study:
         raise PipelineError(f"{path} is not a valid study file:\n{lines}") from None
     check_against_params(study, raw_params, str(path))
     return study
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (as `dvc exp run -S` takes them) into {key: value}, values as YAML."""
+    fixed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PipelineError(f"-S {item!r}: expected KEY=VALUE, e.g. -S train.device=cuda")
+        fixed[key] = yaml.safe_load(value)
+    return fixed
