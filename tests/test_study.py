@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.experiments.study import experiment_name, load_study
+from pcam_pipeline.experiments.study import experiment_name, load_study, parse_assignments
 from tests.conftest import raw_params_with
 
 GOOD = {
@@ -65,3 +65,12 @@ def test_the_seed_is_not_searched_and_bounds_are_ordered(tmp_path):
     assert "seed is not searched" in refusal(tmp_path, params={"train.seed": seed})
     backwards = {"distribution": "uniform", "low": 0.5, "high": 0.1}
     assert "low must be below high" in refusal(tmp_path, params={"train.gamma": backwards})
+
+
+def test_fixed_params_are_read_as_yaml_values():
+    assert parse_assignments(["train.device=cuda", "train.cnn.channels=[8, 16]"]) == {
+        "train.device": "cuda",
+        "train.cnn.channels": [8, 16],
+    }
+    with pytest.raises(PipelineError, match="expected KEY=VALUE"):
+        parse_assignments(["train.device"])

@@ -3,6 +3,7 @@ failure into a PipelineError naming the command, the directory and DVC's own mes
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,9 +14,9 @@ from typing import Any
 from pcam_pipeline.errors import PipelineError
 
 
-def command(args: Sequence[str], cwd: Path, *, quiet: bool = False) -> str:
-    """Run `args` in `cwd`; its stdout. With quiet=False its output also goes to our stderr
-    when it fails (DVC's progress is long: only the tail is kept in the error)."""
+def command(args: Sequence[str], cwd: Path) -> str:
+    """Run `args` in `cwd`; its stdout. A failure raises with the tail of its output (DVC's
+    progress is long)."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -26,8 +27,6 @@ def command(args: Sequence[str], cwd: Path, *, quiet: bool = False) -> str:
 
 def set_args(params: Mapping[str, Any]) -> list[str]:
     """`-S key=value` for each param (values in YAML/JSON form: lists and strings survive)."""
-    import json
-
     args: list[str] = []
     for key, value in params.items():
         text = value if isinstance(value, str) else json.dumps(value)

@@ -91,8 +91,10 @@ def importances(study: Any) -> dict[str, float]:
     import optuna
 
     try:
-        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+            return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
     except (ValueError, RuntimeError) as exc:
         logging.getLogger(__name__).info("no importances: %s", exc)
         return {}
@@ -103,6 +105,7 @@ def write_plots(study: Any, directory: Path, have_importances: bool) -> list[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
     from optuna.visualization import matplotlib as plots
 
     makers = {
@@ -110,9 +113,10 @@ def write_plots(study: Any, directory: Path, have_importances: bool) -> list[str
         "parallel_coordinate": plots.plot_parallel_coordinate,
     }
     if have_importances:
-        makers["importance"] = lambda s: plots.plot_param_importances(
-            s, evaluator=__import__("optuna").importance.PedAnovaImportanceEvaluator()
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        makers["importance"] = lambda s: plots.plot_param_importances(s, evaluator=evaluator)
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "experimental" notices
