@@ -64,5 +64,5 @@ def test_the_table_marks_the_best_by_the_validation_objective():
         trial.set_user_attr("metrics", {"a": {"valid.auroc": value, "test.auroc": 1 - value}})
         study.tell(trial, value)
     text = trials_markdown(SPEC, study.trials, study.best_trial)
-    assert "| 1 (best) |" in text and "dvc exp apply unit-t1-s1" in text
+    assert "| 1 (best) |" in text and "(experiment unit-t1-s1)" in text
     assert pytest.approx(study.best_value) == 0.9

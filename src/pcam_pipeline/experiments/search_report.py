@@ -74,9 +74,9 @@ def trials_markdown(spec: Study, trials: list[Any], best: Any | None) -> str:
     if best is not None:
         first = best.user_attrs.get("experiments", ["?"])[0]
         text += (
-            f"\nBest by {metric} ({spec.objective.direction}): trial {best.number}, "
-            f"{metric} = {best.value:.4f} over seeds {spec.seeds}. Apply it with "
-            f"`dvc exp apply {first}` (or `pcam search apply-best`), then commit params.yaml.\n"
+            f"\nBest by {metric} ({spec.objective.direction}): trial {origin_number(best)}, "
+            f"{metric} = {best.value:.4f} over seeds {spec.seeds}. `pcam search apply-best "
+            f"STUDY_FILE` writes its params.yaml (experiment {first}); commit it.\n"
         )
     return text
 
