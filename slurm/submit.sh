@@ -4,6 +4,7 @@
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] repro [DVC_REPRO_ARGS...]
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] sweep GRID_FILE
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] benchmark
+#   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] search STUDY_FILE [--array=0-7 ...]   (one worker a task)
 #
 # e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`;
 # a course account: `slurm/submit.sh --site snellius-course -p thin_course repro` (SITE: a name in
@@ -27,7 +28,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -95,7 +96,7 @@ signal_lead() {
 sbatch_opts=()
 while (($#)); do
     case $1 in
-        repro | sweep | benchmark) break ;;
+        repro | sweep | benchmark | search) break ;;
         -h | --help) usage ;;
         --site)
             [[ -n ${2:-} ]] || die "--site needs a site name (slurm/sites/) or a site file."
@@ -118,7 +119,7 @@ apply_env_file "$repo/slurm/site.env"
 
 command -v sbatch >/dev/null || die "sbatch not found: run this on a Slurm login node (or start slurm/local-cluster.sh and export SLURM_CONF)."
 git -C "$repo" rev-parse HEAD >/dev/null 2>&1 || die "$repo is not a git repository with a commit: DVC experiments and the job's provenance need one."
-if [[ $what == repro || $what == sweep ]]; then
+if [[ $what == repro || $what == sweep || $what == search ]]; then
     # The job saves its result as a DVC experiment, a git commit made in its clone (pcam_clone copies
     # this identity there): without one, `dvc exp save` fails after hours of training.
     for key in user.name user.email; do
@@ -139,6 +140,18 @@ case $what in
         for o in "${sbatch_opts[@]}"; do [[ $o == --array* || $o == -a* ]] && have_array=1; done
         ((have_array)) || sbatch_opts+=("--array=1-$n")
         set -- "$grid"
+        ;;
+    search)
+        (($# >= 1)) || die "usage: slurm/submit.sh search STUDY_FILE [--array=0-N (one worker a task)]"
+        study=$1
+        shift
+        [[ -f $study ]] || die "study file '$study' not found."
+        study=$(cd "$(dirname "$study")" && pwd -P)/$(basename "$study")
+        sbatch_opts+=("$@") # options after the study file go to sbatch too (--array=0-7)
+        have_array=0
+        for o in "${sbatch_opts[@]}"; do [[ $o == --array* || $o == -a* ]] && have_array=1; done
+        ((have_array)) || sbatch_opts+=("--array=0-1")
+        set -- "$study"
         ;;
     benchmark) (($# == 0)) || die "benchmark takes no arguments (choose the partition with -p PARTITION)." ;;
 esac

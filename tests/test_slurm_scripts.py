@@ -29,6 +29,7 @@ SCRIPTS = [
     "repro.sbatch",
     "sweep.sbatch",
     "benchmark.sbatch",
+    "search.sbatch",
 ]
 # site.env keys (sbatch input variables) and the #SBATCH option each stands for.
 OPTION_OF = {
@@ -62,7 +63,9 @@ def test_scripts_parse_and_are_strict(name: str):
         assert os.access(path, os.X_OK), f"{path} is not executable"
 
 
-@pytest.mark.parametrize("script", ["repro.sbatch", "sweep.sbatch", "benchmark.sbatch"])
+@pytest.mark.parametrize(
+    "script", ["repro.sbatch", "sweep.sbatch", "benchmark.sbatch", "search.sbatch"]
+)
 def test_sbatch_lines_repeat_the_site_defaults(script: str):
     """Plain `sbatch slurm/X.sbatch` gets the same Snellius defaults as slurm/submit.sh."""
     lines = sbatch_lines(script)

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from pcam_pipeline import numerics
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import ParamsError, launched_params, load_params
@@ -16,6 +18,7 @@ from pcam_pipeline.paths import PARAMS_FILE, RAW_DIR
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted
 
 STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "benchmark")
+EXPERIMENT_COMMANDS = ("seeds", "summarize", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,61 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--rev", help="the revision to compare (default: the workspace)")
     report.add_argument("--out", type=Path, help="directory (default reports/compare)")
     report.add_argument("--format", default="png", choices=["png", "svg"], help="plot images")
+    seeds = commands.add_parser("seeds", help="run the current params under N seeds (DVC exps)")
+    seeds.add_argument("count", type=int, metavar="N")
+    seeds.add_argument("--first", type=int, help="first seed [params.yaml's train.seed]")
+    seeds.add_argument("--prefix", default="seeds", help="experiments are named PREFIX-s<seed>")
+    summarize = commands.add_parser(
+        "summarize", help="mean, std, 95%% interval of experiments grouped by params minus seed"
+    )
+    summarize.add_argument("-A", "--all-commits", action="store_true", help="every commit's")
+    search = commands.add_parser(
+        "search", help="an Optuna study of DVC experiments; `search apply-best STUDY`: its champion"
+    )
+    search.add_argument("study", nargs="+", metavar="[apply-best|report] STUDY_FILE")
+    search.add_argument(
+        "-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a param every experiment also sets (e.g. train.device=cuda)",
+    )  # fmt: skip
+    search.add_argument("--workers", type=int, default=1, help="local worker processes")
+    search.add_argument("--worker", help=argparse.SUPPRESS)  # one worker of a study, no report
+    search.add_argument("--stale-after", type=float, default=120.0, help="s without a heartbeat")
+    search.add_argument("--heartbeat", type=float, default=10.0, help="s between heartbeats")
     return parser
+
+
+def run_experiments_command(args: argparse.Namespace) -> None:
+    """seeds, summarize, search: tooling over DVC experiments (imported here: no stage's dep)."""
+    if args.command == "summarize":
+        from pcam_pipeline.experiments import summary
+
+        summary.main(Path("."), args.all_commits)
+        return
+    if args.command == "seeds":
+        from pcam_pipeline.experiments import seeds
+
+        first = args.first if args.first is not None else load_params(args.params).train.seed
+        seeds.main(args.count, first, args.prefix)
+        return
+    from pcam_pipeline.experiments import search, study
+
+    verb, files = "run", args.study
+    if files[0] in ("apply-best", "report"):
+        verb, files = files[0], files[1:]
+    if len(files) != 1:
+        raise ParamsError("usage: pcam search [apply-best|report] STUDY_FILE (one study file)")
+    load_params(args.params)  # a bad params.yaml is named before any trial
+    spec = study.load_study(Path(files[0]), yaml.safe_load(args.params.read_text()))
+    if verb == "apply-best":
+        search.apply_best(spec)
+    elif verb == "report":
+        search.report(spec)
+    else:
+        fixed = study.parse_assignments(args.set)
+        options = search.WorkerOptions(
+            args.stale_after, args.heartbeat, fixed, os.environ.get("PCAM_COMMIT")
+        )
+        search.main(spec, Path(files[0]), Path("."), args.workers, args.worker, options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command in EXPERIMENT_COMMANDS:
+            run_experiments_command(args)
+            return 0
         # Every stage's imports (torch, NumPy) come after the pin: the libraries read it on load.
         if args.command == "predict":
             numerics.pin("portable")

@@ -339,6 +339,31 @@ def test_sweep_pushes_one_experiment_per_grid_line(workspace: Workspace):
     assert not any((ws.path / ".pcam-work").glob("*")), "finished tasks must remove their clones"
 
 
+def test_a_search_array_runs_the_study_with_one_worker_per_task(workspace: Workspace):
+    ws = workspace
+    study = ws.path.parent / "slurm-study.yaml"
+    study.write_text(
+        "name: onslurm\nn_trials: 2\nseeds_per_trial: 1\nsampler: {seed: 3}\nparams:\n"
+        "  train.lr: {distribution: log-uniform, low: 1.0e-4, high: 1.0e-2}\n"
+        "  train.epochs: {distribution: choice, choices: [1]}\n"
+    )
+    array = ws.submit("search", str(study), "--array=0-1")
+    ws.cluster.wait(array, timeout=1200)
+    tasks = ws.cluster.array_tasks(array)
+    assert sorted(tasks) == [0, 1]
+    for n, task in tasks.items():
+        log = ws.log(f"pcam-search-{array}_{n}.out")
+        text = log.read_text() if log.exists() else "(no log)"
+        assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), text
+        assert f"worker {array}_{n} of study" in text
+    shown = json.loads(dvc(ws.path, "exp", "show", "--json").stdout)
+    names = [exp["name"] for row in shown for exp in row.get("experiments") or []]
+    assert sorted(names) == ["onslurm-t0-s1", "onslurm-t1-s1"]
+    report = read_json(ws.path / "reports" / "search" / "onslurm" / "trials.json")
+    assert sorted(t["number"] for t in report["trials"]) == [0, 1]
+    assert not any((ws.path / ".pcam-work" / "search" / "onslurm").glob("worker-*"))
+
+
 def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Workspace):
     ws = workspace
     params = ws.path / "params.yaml"

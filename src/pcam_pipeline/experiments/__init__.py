@@ -1,0 +1,1 @@
+"""Tooling over DVC experiments (not pipeline stages): seeds, their statistics, and search."""
