@@ -275,18 +275,22 @@ def test_per_sample_baseline_is_the_course_design(tmp_path):
 
 def test_layout_table(in_tmp_project):
     rows = layout.layout_table(256, [32, 64], ["none", "lzf"], block=64, batch_size=32, repeats=1)
-    assert [(r["chunk_patches"], r["compression"]) for r in rows] == [
-        (32, "none"),
-        (64, "none"),
-        (32, "lzf"),
-        (64, "lzf"),
+    assert [(r["storage"], r["chunk_patches"], r["compression"]) for r in rows] == [
+        ("contiguous", None, "none"),
+        ("chunked", 32, "none"),
+        ("chunked", 64, "none"),
+        ("chunked", 32, "lzf"),
+        ("chunked", 64, "lzf"),
     ]
     for row in rows:
         assert row["sequential_read_img_s"] > 0 and row["loader_streaming_img_s"] > 0
-        assert row["chunk_mb"] == approx(row["chunk_patches"] * PATCH_BYTES / 2**20)
-    assert 0.99 < rows[0]["size_ratio"] < 1.05, "uncompressed: about the raw size"
+        if row["storage"] == "chunked":
+            assert row["chunk_mb"] == approx(row["chunk_patches"] * PATCH_BYTES / 2**20)
+    for row in rows[:3]:
+        assert 0.99 < row["size_ratio"] < 1.05, "uncompressed: about the raw size"
     table = layout.format_layout(rows)
-    assert table.count("\n") == 5 and "| 64 (1.7) | lzf |" in table
+    assert table.count("\n") == 6 and "| chunked: 64 (1.7) | lzf |" in table
+    assert "| contiguous | none |" in table
 
 
 def test_full_size_run_scaled_down(tmp_path, make_params, monkeypatch):
@@ -378,5 +382,5 @@ def test_perf_command_line_prints_json(in_tmp_project, capsys):
     code = perf.main(["--out", str(out), *arguments, "--repeats", "1"])
     assert code == 0
     rows: list[dict[str, Any]] = json.loads(out.read_text())
-    assert rows[0]["chunk_patches"] == 64
-    assert "| 64 (1.7) | none |" in capsys.readouterr().out
+    assert rows[0]["storage"] == "contiguous" and rows[1]["chunk_patches"] == 64
+    assert "| chunked: 64 (1.7) | none |" in capsys.readouterr().out

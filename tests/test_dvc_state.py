@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pcam_pipeline.dvc_state import known_hashes
-from pcam_pipeline.stages import fetch
+from pcam_pipeline.stages import fetch, preprocess
 from tests.pcam_files import make_pcam_dir
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -106,3 +106,58 @@ def test_download_records_the_md5_of_what_it_unpacked(dvc_repo: Path):
         final = download_pcam_file(url, name, dvc_repo / "data" / "raw", expected, None)
     with known_hashes(dvc_repo) as known:
         assert known.md5(final) == expected
+
+
+def test_fetch_records_the_shared_copy_too_so_a_second_fetch_reads_nothing(
+    dvc_repo: Path, make_params, monkeypatch: pytest.MonkeyPatch
+):
+    source = make_pcam_dir(dvc_repo.parent / "shared")
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in source.iterdir()}
+    (dvc_repo / "sums.md5").write_text("".join(f"{m}  {n}\n" for n, m in sums.items()))
+    params = make_params(
+        fetch={"source": "path", "input": str(source), "checksums": str(dvc_repo / "sums.md5")}
+    )
+    monkeypatch.chdir(dvc_repo)
+    fetch.main(params)
+    with known_hashes(dvc_repo) as known:
+        assert {name: known.md5(source / name) for name in sums} == sums
+    monkeypatch.setattr(fetch, "md5_file", lambda path: pytest.fail(f"{path} read again"))
+    fetch.main(params)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked"])
+def test_preprocess_records_the_md5s_it_computed_as_it_wrote(
+    dvc_repo: Path, make_params, monkeypatch: pytest.MonkeyPatch, layout: str
+):
+    make_pcam_dir(dvc_repo / "data" / "pcam")
+    monkeypatch.chdir(dvc_repo)
+    preprocess.main(make_params(preprocess={"layout": layout}))
+    with known_hashes(dvc_repo) as known:
+        for name in ("train.h5", "valid.h5", "test.h5"):
+            path = dvc_repo / "data" / "processed" / name
+            md5 = hashlib.md5(path.read_bytes()).hexdigest()
+            assert known.md5(path) == (md5 if layout == "contiguous" else None), name
+
+
+def test_processed_md5s_come_from_dvcs_state_for_large_files(
+    dvc_repo: Path, make_params, monkeypatch: pytest.MonkeyPatch
+):
+    from pcam_pipeline.data import processed
+    from pcam_pipeline.data.processed import ProcessedData
+
+    make_pcam_dir(dvc_repo / "data" / "pcam")
+    monkeypatch.chdir(dvc_repo)
+    preprocess.main(make_params())
+    dataset = ProcessedData(dvc_repo / "data" / "processed")
+    train = dataset.split_path("train")
+    read = {
+        name: hashlib.md5((dataset.root / name).read_bytes()).hexdigest()
+        for name in ("stats.json", "train.h5")
+    }
+    assert dataset.md5s("train") == read
+    # A wrong record shows which one was used: small files are hashed, large ones asked for.
+    with known_hashes(dvc_repo) as known:
+        known.record(train, "0" * 32)
+    assert dataset.md5s("train") == read
+    monkeypatch.setattr(processed, "ASK_DVC_ABOVE_BYTES", 0)
+    assert dataset.md5s("train") == {**read, "train.h5": "0" * 32}

@@ -281,15 +281,18 @@ WITHOUT_SPACE_CHECK = [
 
 
 @pytest.mark.parametrize(
-    "compression, chunk_patches",
-    [("none", 64), ("lzf", 16)],  # a chunk larger than the disk; chunks cached until the close
+    "layout, compression, chunk_patches",
+    # written in order by the writer itself; a chunk larger than the disk; chunks cached until
+    # the close
+    [("contiguous", "none", 64), ("chunked", "none", 64), ("chunked", "lzf", 16)],
 )
 def test_a_disk_that_fills_up_during_preprocess_fails_cleanly(
-    project, small_disk, compression, chunk_patches
+    project, small_disk, layout, compression, chunk_patches
 ):
     random_train_split(project / "data" / "pcam")
     write_params_file(
-        project, preprocess={"compression": compression, "chunk_patches": chunk_patches}
+        project,
+        preprocess={"layout": layout, "compression": compression, "chunk_patches": chunk_patches},
     )
     processed = small_disk(project / "data" / "processed", 1024)
     before = md5s(project / "data" / "pcam")
@@ -331,7 +334,8 @@ def test_download_refuses_a_file_larger_than_the_free_space(tmp_path, small_disk
     random_train_split(release)  # the .gz stays as large as the file
     raw = small_disk(tmp_path / "raw", 1024)
     with serve(Behaviour(files=gzip_files(release))) as url:
-        write_params_file(tmp_path, fetch={"zenodo_url": url})
+        release_md5s = str(REPO_ROOT / "data" / "pcam.md5")
+        write_params_file(tmp_path, fetch={"zenodo_url": url, "checksums": release_md5s})
         result = run_cli(["download", "--dir", str(raw)], tmp_path)
     partial = raw / f".{split_files(raw, 'train')[0].name}.gz.part"
     error_line(result, f"{partial} needs about ", "has 1.0 MB free; nothing was written")

@@ -8,9 +8,13 @@ import pytest
 
 from pcam_pipeline.data.pcam import SPLITS, all_file_names, split_files
 from pcam_pipeline.data.synthetic import generate_split
+from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.stages import fetch
 from pcam_pipeline.stages.fetch import SourceError
+from tests.conftest import REPO_ROOT
 from tests.pcam_files import make_pcam_dir, read
+
+RELEASE_CHECKSUMS = REPO_ROOT / "data" / "pcam.md5"
 
 
 def test_synthetic_is_deterministic_and_seed_dependent():
@@ -52,9 +56,7 @@ def md5s(directory: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("link", ["hardlink", "copy"])
 def test_path_source_verifies_and_places_files(tmp_path, make_params, monkeypatch, link):
-    shared = make_pcam_dir(tmp_path / "shared")
-    checksums = tmp_path / "md5.txt"
-    checksums.write_text("".join(f"{md5}  {name}\n" for name, md5 in md5s(shared).items()))
+    shared, checksums = shared_copy(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -68,16 +70,21 @@ def test_path_source_verifies_and_places_files(tmp_path, make_params, monkeypatc
         assert (os.stat(placed).st_ino == os.stat(original).st_ino) == (link == "hardlink")
 
 
-def test_path_source_rejects_wrong_or_missing_files(tmp_path, make_params, monkeypatch):
+def shared_copy(tmp_path: Path) -> tuple[Path, Path]:
+    """A shared copy of the six files and an md5sum file of them."""
     shared = make_pcam_dir(tmp_path / "shared")
     checksums = tmp_path / "md5.txt"
-    sums = md5s(shared)
-    checksums.write_text("".join(f"{md5}  {name}\n" for name, md5 in sums.items()))
-    x, _ = read(shared, "test")
-    x[0, 0, 0, 0] ^= 1
-    with h5py.File(split_files(shared, "test")[0], "w") as handle:
-        handle.create_dataset("x", data=x)
+    checksums.write_text("".join(f"{md5}  {name}\n" for name, md5 in md5s(shared).items()))
+    return shared, checksums
+
+
+def test_path_source_names_missing_files_and_md5s_before_reading_any(
+    tmp_path, make_params, monkeypatch
+):
+    shared, checksums = shared_copy(tmp_path)
     split_files(shared, "valid")[1].unlink()
+    lines = checksums.read_text().splitlines()
+    checksums.write_text("\n".join(line for line in lines if "test_y" not in line) + "\n")
     monkeypatch.chdir(tmp_path)
     params = make_params(
         fetch={"source": "path", "input": str(shared), "checksums": str(checksums)}
@@ -86,13 +93,56 @@ def test_path_source_rejects_wrong_or_missing_files(tmp_path, make_params, monke
         fetch.main(params)
     message = str(info.value)
     assert "camelyonpatch_level_2_split_valid_y.h5: missing" in message
+    assert f"{checksums}: no md5 for camelyonpatch_level_2_split_test_y.h5" in message
+    assert f"md5sum FILE >> {checksums}" in message
+    assert not Path("data/pcam").exists() or not any(Path("data/pcam").iterdir())
+
+
+@pytest.mark.parametrize("link", ["hardlink", "copy"])
+def test_a_wrong_file_fails_the_whole_fetch_and_leaves_data_pcam_as_it_was(
+    tmp_path, make_params, monkeypatch, link
+):
+    shared, checksums = shared_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    params = make_params(
+        fetch={"source": "path", "input": str(shared), "checksums": str(checksums), "link": link}
+    )
+    fetch.main(params)
+    before = md5s(Path("data/pcam"))
+    # The shared copy is replaced by damaged files (never edited in place: data/pcam links it)
+    for split in ("test", "train"):
+        x_path = split_files(shared, split)[0]
+        x, _ = read(shared, split)
+        x[0, 0, 0, 0] ^= 1
+        x_path.unlink()
+        with h5py.File(x_path, "w") as handle:
+            handle.create_dataset("x", data=x)
+    with pytest.raises(SourceError) as info:
+        fetch.main(params)
+    message = str(info.value)
     assert "camelyonpatch_level_2_split_test_x.h5: md5" in message
+    assert "camelyonpatch_level_2_split_train_x.h5: md5" in message, "every bad file named"
     assert "fetch.checksums" in message
-    assert not Path("data/pcam/camelyonpatch_level_2_split_train_x.h5").exists()
+    assert md5s(Path("data/pcam")) == before
+    assert sorted(p.name for p in Path("data/pcam").iterdir()) == sorted(all_file_names())
+
+
+def test_a_checksums_file_that_cannot_be_read_is_named(tmp_path, make_params, monkeypatch):
+    shared, checksums = shared_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    missing = make_params(fetch={"source": "path", "input": str(shared), "checksums": "no.md5"})
+    with pytest.raises(PipelineError, match=r"fetch\.checksums: no\.md5 cannot be read"):
+        fetch.main(missing)
+    checksums.write_text("not-an-md5  camelyonpatch_level_2_split_train_x.h5\n")
+    bad = make_params(fetch={"source": "path", "input": str(shared), "checksums": str(checksums)})
+    with pytest.raises(PipelineError, match=r"md5.txt:1: expected '<32-hex md5>"):
+        fetch.main(bad)
 
 
 def test_path_source_without_directory(tmp_path, make_params, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = make_params(fetch={"source": "zenodo", "input": "data/raw"})
+    params = make_params(
+        fetch={"source": "zenodo", "input": "data/raw", "checksums": str(RELEASE_CHECKSUMS)}
+    )
     with pytest.raises(SourceError, match="pcam download"):
         fetch.main(params)

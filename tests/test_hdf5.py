@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pcam_pipeline.data.hdf5 import PatchBlocks, scan_blocks, scan_threads
+from pcam_pipeline.data import hashing
+from pcam_pipeline.data.hdf5 import ContiguousWriter, PatchBlocks, scan_blocks, scan_threads
 from tests.pcam_files import N, stamped_patches, write_processed
 
 
@@ -139,3 +142,118 @@ def test_a_file_system_without_mmap_falls_back_to_reads(tmp_path, monkeypatch):
         assert reader.view(0, 10) is None
         for part, rows, _ in scan_blocks(reader, 64, lambda rows, part: None, 2, zero_copy=True):
             np.testing.assert_array_equal(rows, expected[part])
+
+
+# --- the contiguous layout: written once, in file order, its md5 known when done ---------------
+
+
+def write_contiguous(path: Path, x: np.ndarray, block: int) -> ContiguousWriter:
+    y = (np.arange(len(x)) % 2).astype(np.uint8)
+    with ContiguousWriter(path, len(x)) as writer:
+        for start in range(0, len(x), block):
+            stop = min(start + block, len(x))
+            writer.append(x[start:stop], y[start:stop], np.arange(start, stop) * 7)
+    return writer
+
+
+@pytest.mark.parametrize("n, block", [(0, 10), (1, 10), (37, 10), (N, 64), (N, N)])
+def test_contiguous_writer_knows_the_md5_of_what_it_wrote(tmp_path, n, block):
+    path = tmp_path / "x.h5"
+    x = stamped_patches(n)
+    writer = write_contiguous(path, x, block)
+    assert writer.md5 == hashlib.md5(path.read_bytes()).hexdigest()
+    with h5py.File(path, "r") as handle:
+        assert handle["x"].chunks is None and handle["x"].shape == (n, 96, 96, 3)
+        np.testing.assert_array_equal(handle["x"][...], x)
+        np.testing.assert_array_equal(handle["y"][...], np.arange(n) % 2)
+        np.testing.assert_array_equal(handle["index"][...], np.arange(n) * 7)
+    if n:
+        with PatchBlocks(path) as reader:
+            assert reader.direct, "one run of bytes: read with one system call per block"
+            np.testing.assert_array_equal(reader.read(0, n), x)
+
+
+def test_contiguous_writer_reads_back_where_hdf5_lays_out_otherwise(tmp_path, monkeypatch):
+    """Another HDF5 could place the datasets in another order: the md5 then comes from reading
+    the file once, and is still right."""
+    real = hashing.HashedWrites
+
+    def out_of_order(fd: int, regions):
+        return real(fd, None)
+
+    monkeypatch.setattr("pcam_pipeline.data.hdf5.HashedWrites", out_of_order)
+    path = tmp_path / "x.h5"
+    writer = write_contiguous(path, stamped_patches(40), 16)
+    assert writer.md5 == hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_contiguous_writer_leaves_nothing_when_short_or_failing(tmp_path):
+    path = tmp_path / "x.h5"
+    with (
+        pytest.raises(ValueError, match="10 patches appended of 12"),
+        ContiguousWriter(path, 12) as writer,
+    ):
+        writer.append(stamped_patches(10), np.zeros(10, np.uint8), np.arange(10))
+    with (
+        pytest.raises(ValueError, match="13 patches appended, made for 12"),
+        ContiguousWriter(path, 12) as writer,
+    ):
+        writer.append(stamped_patches(13), np.zeros(13, np.uint8), np.arange(13))
+    with pytest.raises(RuntimeError, match="boom"), ContiguousWriter(path, 12) as writer:
+        writer.append(stamped_patches(4), np.zeros(4, np.uint8), np.arange(4))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_in_order_md5_hashes_final_bytes_between_and_after_regions(tmp_path):
+    path = tmp_path / "f"
+    content = bytearray(os.urandom(5000))
+    regions = [(100, 1000), (1500, 2000), (3600, 0), (4000, 600)]
+    planned = bytearray(content)
+    for offset, size in regions:
+        planned[offset : offset + size] = bytes(size)  # not yet written
+    path.write_bytes(planned)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with hashing.HashedWrites(fd, regions) as writes:
+            for offset, size in regions:
+                for start in range(offset, offset + size, 300):  # in blocks, in file order
+                    stop = min(start + 300, offset + size)
+                    writes.write(memoryview(bytes(content[start:stop])), start)
+            md5 = writes.md5()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == content
+    assert md5 == hashlib.md5(content).hexdigest()
+
+
+def test_in_order_md5_refuses_what_it_cannot_hash_in_order(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(100))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="out of file order or overlapping"):
+            hashing.InOrderMD5(fd, [(50, 10), (10, 10)])
+        with pytest.raises(ValueError, match="out of file order or overlapping"):
+            hashing.InOrderMD5(fd, [(10, 50), (40, 10)])
+        md5 = hashing.InOrderMD5(fd, [(10, 10)])
+        with pytest.raises(ValueError, match="more bytes than the regions hold"):
+            md5.region_bytes(memoryview(bytes(11)))
+        with pytest.raises(ValueError, match="never written"):
+            hashing.InOrderMD5(fd, [(10, 10)]).hexdigest()
+    finally:
+        os.close(fd)
+
+
+def test_copy_hashed_copies_and_knows_the_md5(tmp_path, monkeypatch):
+    monkeypatch.setattr(hashing, "COPY_BLOCK_BYTES", 1000)  # several blocks, a partial last one
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(4321))
+    assert (
+        hashing.copy_hashed(source, tmp_path / "copy")
+        == hashlib.md5(source.read_bytes()).hexdigest()
+    )
+    assert (tmp_path / "copy").read_bytes() == source.read_bytes()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert hashing.copy_hashed(empty, tmp_path / "copy2") == hashlib.md5(b"").hexdigest()

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from pcam_pipeline import paths
-from pcam_pipeline.data.pcam import PUBLISHED_H5_MD5
+from pcam_pipeline.data.pcam import checksums_from
 from tests.conftest import REPO_ROOT
 
 
@@ -55,14 +55,16 @@ def test_data_dvc_pins_the_published_md5s():
     from dvc_data.hashfile.meta import Meta
     from dvc_data.hashfile.tree import Tree
 
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    published, _ = checksums_from(str(REPO_ROOT / params["fetch"]["checksums"]))
     tree = Tree()
-    for name, md5 in PUBLISHED_H5_MD5.items():
+    for name, md5 in published.items():
         tree.add((name,), Meta(), HashInfo("md5", md5))
     tree.digest()
     out = yaml.safe_load((REPO_ROOT / "data.dvc").read_text())["outs"][0]
     assert out["path"] == str(paths.RAW_DIR)
     assert out["md5"] == tree.hash_info.value
-    assert out["nfiles"] == len(PUBLISHED_H5_MD5) == 6
+    assert out["nfiles"] == len(published) == 6
 
 
 def code_strings(path: Path) -> set[str]:

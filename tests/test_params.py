@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pcam_pipeline.params import SYNTHETIC_INPUT, ParamsError, load_params, parse_params
+from pcam_pipeline.params import ParamsError, load_params, parse_params
 from tests.conftest import REPO_ROOT, raw_params_with
 
 
@@ -37,13 +37,19 @@ def test_bad_number_and_missing_key():
     assert "evaluate.batch_size: required key is missing" in str(info.value)
 
 
-def test_source_and_input_must_agree():
-    raw = raw_params_with({"fetch": {"source": "path"}})
-    with pytest.raises(ParamsError, match="with source 'path', input must be the directory"):
+def test_fetch_needs_a_checksums_file():
+    raw = raw_params_with({"fetch": {"checksums": None}})
+    with pytest.raises(ParamsError, match=r"fetch\.checksums: Input should be a valid string"):
         parse_params(raw)
-    raw = raw_params_with({"fetch": {"input": "data/raw"}})
-    with pytest.raises(ParamsError, match=f"must be '{SYNTHETIC_INPUT}'"):
+
+
+def test_compression_needs_the_chunked_layout():
+    raw = raw_params_with({"preprocess": {"layout": "contiguous", "compression": "lzf"}})
+    with pytest.raises(ParamsError) as info:
         parse_params(raw)
+    assert "preprocess: compression 'lzf' needs layout 'chunked'" in str(info.value)
+    assert "set preprocess.layout: chunked" in str(info.value)
+    parse_params(raw_params_with({"preprocess": {"layout": "chunked", "compression": "lzf"}}))
 
 
 def test_unknown_section():

@@ -31,7 +31,7 @@ def test_processed_layout_blank_filter_and_report(project, small_params):
     preprocess.main(small_params)
     with h5py.File("data/processed/train.h5", "r") as handle:
         assert handle["x"].dtype == np.uint8 and handle["x"].shape == (62, 96, 96, 3)
-        assert handle["x"].chunks == (small_params.preprocess.chunk_patches, 96, 96, 3)
+        assert handle["x"].chunks is None, "contiguous: written once, in file order"
         assert handle["x"].compression is None
         assert 5 not in handle["index"][...] and 6 not in handle["index"][...]
         np.testing.assert_array_equal(handle["y"][...], y.reshape(-1)[handle["index"][...]])
@@ -69,7 +69,9 @@ def test_wide_dtype_is_repaired_and_recorded(project, small_params):
 
 
 def test_compression_option(project, make_params):
-    params = make_params(preprocess={"compression": "lzf", "chunk_patches": 16})
+    params = make_params(
+        preprocess={"layout": "chunked", "compression": "lzf", "chunk_patches": 16}
+    )
     preprocess.main(params)
     with h5py.File("data/processed/test.h5", "r") as handle:
         assert handle["x"].compression == "lzf" and handle["x"].chunks[0] == 16

@@ -53,4 +53,4 @@ def test_the_data_stages_are_the_projects_with_a_marker():
     stages = data_stages_yaml(REPO_ROOT / "dvc.yaml")["stages"]
     assert list(stages) == ["fetch", "validate", "preprocess"]
     assert stages["fetch"]["cmd"] == f"pcam fetch && echo {STAGE_DONE} fetch"
-    assert "${fetch.input}" in stages["fetch"]["deps"]
+    assert "${fetch.checksums}" in stages["fetch"]["deps"]

@@ -46,13 +46,25 @@ class KnownHashes:
             return None
         return str(hash_info.value)
 
-    def record(self, path: Path, md5: str) -> None:
-        """Tell DVC that `path`, as it is now, has content md5 `md5`."""
+    def file_info(self, path: Path) -> dict[str, Any] | None:
+        """`path` as DVC's state keys it (inode, mtime, size), to take before hashing the file:
+        a record made with it (`record(..., as_of=...)`) holds only if the file has not changed
+        since."""
+        if self._state is None:
+            return None
+        return dict(self._fs.info(os.path.abspath(path)))
+
+    def record(self, path: Path, md5: str, as_of: dict[str, Any] | None = None) -> None:
+        """Tell DVC that `path` has content md5 `md5`: as it is now, or as it was when
+        `file_info` gave `as_of`."""
         if self._state is None:
             return
         from dvc_data.hashfile.hash_info import HashInfo
 
-        self._state.save(os.path.abspath(path), self._fs, HashInfo("md5", md5))
+        self._state.save(os.path.abspath(path), self._fs, HashInfo("md5", md5), as_of)
+
+
+NOTHING_KNOWN = KnownHashes(None)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pcam_pipeline.paths import PARAMS_FILE
 
-SYNTHETIC_INPUT = "src/pcam_pipeline/data/synthetic.py"
 # A launcher (distributed.launch) hands the params it validated to the training workers it
 # starts, as JSON in this variable: every worker trains with exactly those, whichever file they
 # came from, and no file has to be written where every node can read it.
@@ -46,30 +45,18 @@ class SplitSizes(_Section):
 
 class FetchParams(_Section):
     source: Literal["synthetic", "zenodo", "path"]
-    # The path the stage reads, declared as its DVC dependency so dvc.lock hashes it: the generator
-    # module for `synthetic`, data/raw (filled by `pcam download`) for `zenodo`, the shared copy
-    # for `path`.
-    input: str
+    # zenodo/path: the directory holding the six files (data/raw after `pcam download`, or the
+    # cluster's shared copy). Not a DVC dependency: fetch verifies every file against
+    # `checksums`, which is one, so the lock pins the data without DVC hashing 7 GB again.
+    input: str = Field(min_length=1)
     seed: int
     sizes: SplitSizes
     positive_fraction: float = Field(gt=0, lt=1)
     zenodo_url: str
-    checksums: str | None = None  # md5sum-format file replacing the published checksums
+    # md5sum-format file with the md5 of every file fetch takes (and of each .gz download):
+    # data/pcam.md5 is the published release's; a mirror that re-packed the files has its own
+    checksums: str = Field(min_length=1)
     link: Literal["hardlink", "copy"]
-
-    @model_validator(mode="after")
-    def _input_matches_source(self) -> FetchParams:
-        if self.source == "synthetic" and self.input != SYNTHETIC_INPUT:
-            raise ValueError(
-                f"with source 'synthetic', input must be '{SYNTHETIC_INPUT}' (the generator), "
-                f"got '{self.input}'"
-            )
-        if self.source != "synthetic" and self.input == SYNTHETIC_INPUT:
-            raise ValueError(
-                f"with source '{self.source}', input must be the directory holding the PCAM files "
-                "(data/raw after `pcam download`, or the cluster's shared copy)"
-            )
-        return self
 
 
 class ValidateParams(_Section):
@@ -86,9 +73,21 @@ class ValidateParams(_Section):
 
 class PreprocessParams(_Section):
     drop_blank: bool
+    # contiguous: x written once, in file order, its md5 known as written (DVC reads nothing
+    # back); chunked: x in chunks of chunk_patches, the layout compression needs
+    layout: Literal["contiguous", "chunked"]
     chunk_patches: int = Field(gt=0)
     compression: Literal["none", "lzf", "gzip"]
     block_patches: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _compression_needs_chunks(self) -> PreprocessParams:
+        if self.layout == "contiguous" and self.compression != "none":
+            raise ValueError(
+                f"compression '{self.compression}' needs layout 'chunked' (HDF5 compresses "
+                "chunk by chunk); set preprocess.layout: chunked, or compression: none"
+            )
+        return self
 
 
 class LoaderParams(_Section):

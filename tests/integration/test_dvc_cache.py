@@ -1,7 +1,8 @@
 """The repository's DVC cache configuration (.dvc/config: cache.type hardlink,symlink,copy) on
-the data stages, under real `dvc repro` with `fetch.source: path`: outputs are hard links of
-read-only cache objects (no byte copied), a stage re-run after a change leaves the cached copy
-of its previous output intact, and `dvc checkout` and `dvc gc` behave."""
+the data stages, under real `dvc repro` with `fetch.source: path`: DVC hashes none of the data
+(fetch and preprocess tell it the md5s they computed), outputs are hard links of read-only
+cache objects (no byte copied), a stage re-run after a change leaves the cached copy of its
+previous output intact, and `dvc checkout` and `dvc gc` behave."""
 
 from __future__ import annotations
 
@@ -62,6 +63,30 @@ def corrupt_objects(repo: Path) -> list[str]:
     return bad
 
 
+# Run by every `dvc` process of a test that puts its directory on PYTHONPATH: each file DVC
+# itself hashes (reads to compute an md5, rather than taking it from its state) is logged.
+HASH_SPY = """
+import os, sys
+if os.path.basename(sys.argv[0]) == "dvc":
+    import dvc_data.hashfile.hash as _hash
+    _real = _hash._hash_file
+    def _logged(path, *args, **kwargs):
+        with open(os.environ["PCAM_TEST_HASHED"], "a") as log:
+            log.write(str(path) + "\\n")
+        return _real(path, *args, **kwargs)
+    _hash._hash_file = _logged
+"""
+
+
+def hashed_by_dvc(spy: Path, repo: Path, *args: str) -> list[str]:
+    """Run `dvc ARGS` in `repo`; the files (relative to `repo`) DVC read to hash them."""
+    log = spy / "hashed.txt"
+    log.unlink(missing_ok=True)
+    run(["dvc", *args], repo, PYTHONPATH=str(spy), PCAM_TEST_HASHED=str(log))
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [os.path.relpath(line, repo) for line in lines]
+
+
 @pytest.fixture
 def data_repo(tmp_path: Path, make_params) -> tuple[Path, Path]:
     source = make_pcam_dir(tmp_path / "shared-copy")
@@ -69,13 +94,21 @@ def data_repo(tmp_path: Path, make_params) -> tuple[Path, Path]:
     checksums.write_text("".join(f"{md5_of(source / n)}  {n}\n" for n in all_file_names()))
     repo = tmp_path / "repo"
     config = (REPO_ROOT / ".dvc" / "config").read_text()
-    make_repo(repo, make_params(), source, str(checksums), config, REPO_ROOT)
+    make_repo(repo, make_params().as_dict(), source, str(checksums), config, REPO_ROOT)
     return repo, source
 
 
-def test_links_protected_outputs_checkout_and_gc(data_repo: tuple[Path, Path]):
+def test_links_protected_outputs_checkout_and_gc(data_repo: tuple[Path, Path], tmp_path: Path):
     repo, source = data_repo
-    run(["dvc", "repro", "preprocess"], repo)
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(HASH_SPY)
+    hashed = hashed_by_dvc(spy, repo, "repro", "preprocess")
+    # No byte of the data hashed twice: fetch's md5s of data/pcam (from its check against
+    # fetch.checksums) and preprocess's of data/processed (computed as written) are DVC's.
+    assert hashed, "the spy saw DVC hash nothing at all: it is not working"
+    data = [path for path in hashed if path.startswith("data/") or path.endswith(".h5")]
+    assert data == ["data/processed/stats.json"], hashed
     assert_linked_from_cache(repo, "fetch", "data/pcam")
     assert_linked_from_cache(repo, "preprocess", "data/processed")
     for name in all_file_names():  # the shared copy, data/pcam and the cache: one inode
@@ -86,7 +119,7 @@ def test_links_protected_outputs_checkout_and_gc(data_repo: tuple[Path, Path]):
     # A change that reruns preprocess: it writes new files beside the protected links and
     # renames them into place, never into the cached copy of the previous output.
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["preprocess"]["chunk_patches"] = 16
+    params["preprocess"].update(layout="chunked", chunk_patches=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "repro", "preprocess"], repo)
     new_processed = locked_files(repo, "preprocess", "data/processed")

@@ -43,8 +43,8 @@ def preprocess_job(params: Params, spec: dict[str, Any]) -> dict[str, Any]:
     from pcam_pipeline.data.processed import ProcessedData
 
     dataset = ProcessedData(Path(spec["out_dir"]))
-    report = write_processed(dataset, Path(spec["pcam_dir"]), params.preprocess, params.validate_)
-    return {"n_out": sum(split["n_out"] for split in report.values())}
+    written = write_processed(dataset, Path(spec["pcam_dir"]), params.preprocess, params.validate_)
+    return {"n_out": sum(split["n_out"] for split in written.report.values())}
 
 
 def loader_job(params: Params, spec: dict[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,10 @@
 - `noop`: median time of a no-op `dvc repro` (everything cached) against `dvc status`
   (`noop.py`).
 - `repro-full`: fetch (`fetch.source: path`), validate and preprocess under `dvc repro` on a
-  PCAM-sized split, with DVC's default configuration and with this repository's .dvc/config:
-  each stage's own time beside DVC's bookkeeping, and the disk used, against `md5sum` and `cp`
-  of the same files (`repro_full.py`).
+  PCAM-sized split, with DVC's default configuration (or each `--baseline` tree, an earlier
+  commit's export; repeatable) and then this tree: each stage's own time beside DVC's
+  bookkeeping, and the disk used, against `md5sum` and `cp` of the same files
+  (`repro_full.py`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument(
         "--baseline",
         type=Path,
-        help="compare with this exported tree (`git archive` of src, dvc.yaml, .dvc)",
+        action="append",
+        help="compare with this exported tree (`git archive` of src, dvc.yaml, .dvc, params.yaml),"
+        " labelled by its directory's name; repeat for several",
     )
     return parser
 

@@ -16,6 +16,7 @@ runs; the source at the end.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -39,7 +40,9 @@ DATA_STAGES = ("fetch", "validate", "preprocess")
 STAGE_DONE = "pcam-perf-stage-done"  # printed by each stage's command when it exits
 DEFAULT_CONFIG = "[core]\n    analytics = false\n"  # DVC's defaults (cache.type reflink,copy)
 PROJECT_CONFIG = Path(".dvc/config")
-Variant = tuple[str, Path, str]  # label, the project tree whose src/ runs, its .dvc/config
+# label, the project tree whose src/ runs, its .dvc/config, its params (another tree's code may
+# not know this tree's keys: a baseline brings its own params.yaml where it has one)
+Variant = tuple[str, Path, str, dict[str, Any]]
 # DVC's defaults hold five copies: the source, data/pcam (checked out as a copy of the cache),
 # its cache object, data/processed and its cache object
 COPIES_NEEDED = 5.1
@@ -106,13 +109,14 @@ def data_stages_yaml(project_dvc_yaml: Path) -> dict[str, Any]:
 
 
 def make_repo(
-    repo: Path, params: Params, source: Path, checksums: str, config: str, code: Path
+    repo: Path, settings: dict[str, Any], source: Path, checksums: str, config: str, code: Path
 ) -> None:
-    """A git + DVC repository running the data stages of the project tree `code` on `source`."""
+    """A git + DVC repository running the data stages of the project tree `code` on `source`,
+    with the params `settings` (fetch's source, input and checksums set here)."""
     repo.mkdir(parents=True)
     shutil.copytree(code / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "dvc.yaml").write_text(yaml.safe_dump(data_stages_yaml(code / "dvc.yaml")))
-    settings = params.as_dict()
+    settings = copy.deepcopy(settings)
     settings["fetch"].update(source="path", input=str(source), checksums=checksums)
     (repo / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     env = quiet_env()
@@ -195,9 +199,9 @@ def split_times(total: float, lines: list[tuple[float, str]]) -> dict[str, float
 def run_variant(
     variant: Variant, params: Params, source: Path, tools: dict[str, Any], work: Path
 ) -> dict[str, Any]:
-    label, code, config = variant
+    label, code, config, settings = variant
     repo = work / label.replace(" ", "-")
-    make_repo(repo, params, source, tools["checksums"], config, code)
+    make_repo(repo, settings, source, tools["checksums"], config, code)
     os.sync()
     for path in source.iterdir():  # every variant starts from a cold page cache
         evict(path)
@@ -241,7 +245,7 @@ def format_table(result: dict[str, Any]) -> str:
     names = list(variants)
     rows = list(next(iter(variants.values()))["seconds"])
     width = max(len(row) for row in rows) + 2
-    lines = ["part (seconds)".ljust(width) + "".join(f"{name:>16}" for name in names)]
+    lines = ["part (seconds)".ljust(width) + "".join(f"{name[:15]:>16}" for name in names)]
     for row in rows:
         cells = "".join(f"{variants[name]['seconds'][row]:16.1f}" for name in names)
         lines.append(row.ljust(width) + cells)
@@ -266,28 +270,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def variants(project: Path, baseline: Path | None) -> list[Variant]:
-    """What is compared: the `baseline` tree (an earlier commit's export) with its own DVC
-    configuration, or else DVC's defaults, against this tree and its .dvc/config."""
-    if baseline is None:
-        before = ("dvc defaults", project, DEFAULT_CONFIG)
-    else:
+def variants(project: Path, baselines: list[Path], params: Params) -> list[Variant]:
+    """What is compared: each `baselines` tree (an earlier commit's export, labelled by its
+    directory's name) with its own DVC configuration and params, or else DVC's defaults, then
+    this tree and its .dvc/config."""
+    ours = params.as_dict()
+    before: list[Variant] = []
+    for baseline in baselines:
         config = baseline / PROJECT_CONFIG
-        before = ("baseline", baseline, config.read_text() if config.exists() else DEFAULT_CONFIG)
-    return [before, ("this tree", project, (project / PROJECT_CONFIG).read_text())]
+        own = baseline / "params.yaml"
+        before.append(
+            (
+                baseline.name,
+                baseline,
+                config.read_text() if config.exists() else DEFAULT_CONFIG,
+                yaml.safe_load(own.read_text()) if own.exists() else ours,
+            )
+        )
+    if not before:
+        before.append(("dvc defaults", project, DEFAULT_CONFIG, ours))
+    return [*before, ("this tree", project, (project / PROJECT_CONFIG).read_text(), ours)]
 
 
 def repro_full(
     params: Params,
     patches: int = PCAM_TRAIN_PATCHES,
     directory: Path = FULL_DIR,
-    baseline: Path | None = None,
+    baselines: list[Path] | None = None,
 ) -> dict[str, Any]:
-    """`dvc repro` of the data stages on a `patches`-patch train split, before (`baseline`, or
-    DVC's default configuration) and after, one after the other in one run."""
+    """`dvc repro` of the data stages on a `patches`-patch train split, before (each of
+    `baselines`, or DVC's default configuration) and after, one after the other in one run."""
     root = Path(directory)
     check_disk(root, int(COPIES_NEEDED * (patches + 2 * FULL_OTHER_SPLITS) * PATCH_BYTES))
-    compared = variants(Path.cwd(), baseline)
+    compared = variants(Path.cwd(), baselines or [], params)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="repro-", dir=root))
     try:

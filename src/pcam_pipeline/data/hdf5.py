@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
+from pcam_pipeline.data.hashing import HashedWrites
 from pcam_pipeline.data.pcam import LABEL_SHAPE, PATCH_BYTES, PATCH_SHAPE, split_files
 from pcam_pipeline.repro import atomic_path, write_failed
 
@@ -178,8 +179,17 @@ def blocks(length: int, block: int) -> Iterator[slice]:
 
 @dataclass(frozen=True)
 class ProcessedLayout:
+    """How `x` is stored: `contiguous` (one run of bytes, written once in file order, so the
+    writer knows the file's md5 when it is done: `ContiguousWriter`) or `chunked` by
+    `chunk_patches` whole patches, optionally compressed (`ProcessedWriter`)."""
+
     chunk_patches: int
     compression: str  # none | lzf | gzip
+    storage: str = "chunked"  # contiguous | chunked
+
+    @property
+    def contiguous(self) -> bool:
+        return self.storage == "contiguous"
 
     def dataset_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"chunks": (self.chunk_patches, *PATCH_SHAPE)}
@@ -188,11 +198,13 @@ class ProcessedLayout:
         return options
 
     def max_file_bytes(self, patches: int) -> int:
-        """At most how large a file of `patches` patches is, uncompressed: whole chunks of x
-        (HDF5 stores a partial last chunk full size), y and index, and HDF5's metadata (1 MiB
-        covers it: 16 kB for 300 patches, 36 kB for 20,000 when measured)."""
-        chunks = -(-patches // self.chunk_patches)
-        return chunks * self.chunk_patches * PATCH_BYTES + patches * (1 + 8) + HDF5_METADATA_BYTES
+        """At most how large a file of `patches` patches is, uncompressed: x (whole chunks when
+        chunked: HDF5 stores a partial last chunk full size), y and index, and HDF5's metadata
+        (1 MiB covers it: 16 kB for 300 patches, 36 kB for 20,000 when measured)."""
+        stored = patches
+        if not self.contiguous:
+            stored = -(-patches // self.chunk_patches) * self.chunk_patches
+        return stored * PATCH_BYTES + patches * (1 + 8) + HDF5_METADATA_BYTES
 
 
 HDF5_METADATA_BYTES = 1 << 20
@@ -234,6 +246,7 @@ class ProcessedWriter:
             self._out.__exit__(type(error), error, error.__traceback__)
             raise
         self.count = 0
+        self.md5: str | None = None  # never known here: chunks and their index lie interleaved
 
     def append(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
         start, stop = self.count, self.count + len(x)
@@ -248,6 +261,120 @@ class ProcessedWriter:
 
     def __exit__(self, *exc_info: object) -> bool | None:
         return self._out.__exit__(*exc_info)
+
+
+def _allocated_at_creation() -> h5py.h5p.PropDCID:
+    """Contiguous storage placed when the dataset is created, never filled: the bytes are
+    reserved in the file and are the writer's to fill."""
+    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return plist
+
+
+class ContiguousWriter:
+    """A training-layout file with `x` contiguous, written once and in file order, so that its
+    md5 is known when the last patch is written (`md5`), without reading the file back.
+
+    HDF5 writes the superblock, the object headers and (on close) the final metadata wherever
+    it likes, so the file's bytes are final in order only if nothing is left to HDF5 after
+    the data: the three datasets (`x`, then `y` and `index` after it) are created with their
+    storage allocated at once and never filled, HDF5 closes the file, and the writer then fills
+    those regions itself, in file order, hashing each block on a second thread while it is
+    written (`hashing.HashedWrites`). `count` patches must be appended in all.
+
+    A write that fails (a full disk) raises a PipelineError naming the file system and `fix`,
+    and nothing is left under `path`. `temporary`: write there, and leave renaming it onto
+    `path` to the caller.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        count: int,
+        *,
+        temporary: Path | None = None,
+        fix: str = "free space there, then run `pcam preprocess` again",
+    ) -> None:
+        self.final, self.fix, self.capacity = Path(path), fix, count
+        self.count = 0
+        self.md5: str | None = None
+        self._labels = np.empty(count, dtype=np.uint8)
+        self._indices = np.empty(count, dtype=np.int64)
+        self._stack = contextlib.ExitStack()
+        try:
+            self._path = temporary or self._stack.enter_context(atomic_path(self.final))
+            with NewHDF5(self.final, fix, temporary=self._path) as header:
+                datasets = [
+                    header.file.create_dataset(name, shape, dtype, dcpl=_allocated_at_creation())
+                    for name, shape, dtype in (
+                        ("x", (count, *PATCH_SHAPE), "uint8"),
+                        ("y", (count,), "uint8"),
+                        ("index", (count,), "int64"),
+                    )
+                ]
+                regions = [(d.id.get_offset(), d.id.get_storage_size()) for d in datasets]
+            # where the bytes of x, y and index go (None: no storage, for no patches)
+            self._offsets = [offset for offset, _ in regions]
+            filled = [(offset, size) for offset, size in regions if size]
+            # Created in this order, HDF5 places them in it (tests/test_hdf5.py); where another
+            # HDF5 does not, the writer reads the file back once for its md5 instead.
+            in_order = filled == sorted(filled)
+            fd = os.open(self._path, os.O_RDWR)
+            self._stack.callback(os.close, fd)
+            self._writes = self._stack.enter_context(HashedWrites(fd, filled if in_order else None))
+        except BaseException as error:
+            self._stack.__exit__(type(error), error, error.__traceback__)
+            raise
+
+    def _write(self, data: np.ndarray, offset: int) -> None:
+        try:
+            self._writes.write(data, offset)
+        except OSError as error:
+            raise write_failed(self.final, error, self.fix) from None
+
+    def append(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
+        start, stop = self.count, self.count + len(x)
+        if stop > self.capacity:
+            raise ValueError(f"{self.final}: {stop} patches appended, made for {self.capacity}")
+        if stop == start:
+            return
+        self._write(x, self._offsets[0] + start * PATCH_BYTES)
+        self._labels[start:stop] = y
+        self._indices[start:stop] = index
+        self.count = stop
+
+    def _finish(self) -> None:
+        if self.count != self.capacity:
+            raise ValueError(f"{self.final}: {self.count} patches appended of {self.capacity}")
+        if self.capacity:
+            self._write(self._labels, self._offsets[1])
+            self._write(self._indices, self._offsets[2])
+        self.md5 = self._writes.md5()
+
+    def __enter__(self) -> ContiguousWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> bool | None:
+        if exc_info[0] is None:
+            try:
+                self._finish()
+            except BaseException as error:
+                # the temporary file goes with the writer's stack, then the error is raised
+                if not self._stack.__exit__(type(error), error, error.__traceback__):
+                    raise
+                return None
+        return self._stack.__exit__(*exc_info)
+
+
+def open_writer(
+    path: Path, layout: ProcessedLayout, count: int, *, temporary: Path | None, fix: str
+) -> ContiguousWriter | ProcessedWriter:
+    """The writer of `layout` for a file of `count` patches; `md5` holds the file's md5 after
+    closing where the layout lets the writer know it (contiguous), else None."""
+    if layout.contiguous:
+        return ContiguousWriter(path, count, temporary=temporary, fix=fix)
+    return ProcessedWriter(path, layout, temporary=temporary, fix=fix)
 
 
 def processed_labels(path: Path) -> np.ndarray:

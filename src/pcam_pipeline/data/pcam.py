@@ -1,4 +1,4 @@
-"""The PatchCamelyon file format: names, shapes, the published checksums, blank patches."""
+"""The PatchCamelyon file format: names, shapes, checksum files, blank patches."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from pcam_pipeline.errors import PipelineError
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 Split = Literal["train", "valid", "test"]
@@ -35,25 +37,6 @@ def all_file_names() -> list[str]:
     return [file_name(split, part) for split in SPLITS for part in ("x", "y")]
 
 
-# md5 of each unpacked .h5 (what data.dvc pins) and of each .gz as served by Zenodo record 2546921.
-PUBLISHED_H5_MD5: dict[str, str] = {
-    "camelyonpatch_level_2_split_train_x.h5": "01844da899645b4d6f84946d417ba453",
-    "camelyonpatch_level_2_split_train_y.h5": "0781386bf6c2fb62d58ff18891466aca",
-    "camelyonpatch_level_2_split_valid_x.h5": "81cf9680f1724c40673f10dc88e909b1",
-    "camelyonpatch_level_2_split_valid_y.h5": "94d8aacc249253159ce2a2e78a86e658",
-    "camelyonpatch_level_2_split_test_x.h5": "2614b2e6717d6356be141d9d6dbfcb7e",
-    "camelyonpatch_level_2_split_test_y.h5": "11ed647efe9fe457a4eb45df1dba19ba",
-}
-PUBLISHED_GZ_MD5: dict[str, str] = {
-    "camelyonpatch_level_2_split_train_x.h5.gz": "1571f514728f59376b705fc836ff4b63",
-    "camelyonpatch_level_2_split_train_y.h5.gz": "35c2d7259d906cfc8143347bb8e05be7",
-    "camelyonpatch_level_2_split_valid_x.h5.gz": "d5b63470df7cfa627aeec8b9dc0c066e",
-    "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
-    "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
-    "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
-}
-
-
 def read_checksum_file(path: Path) -> dict[str, str]:
     """Parse an md5sum-format file (`<md5>  <name>` per line) into {name: md5}."""
     checksums: dict[str, str] = {}
@@ -69,11 +52,21 @@ def read_checksum_file(path: Path) -> dict[str, str]:
     return checksums
 
 
-def checksums_from(path: str | None) -> tuple[dict[str, str], dict[str, str]]:
-    """(h5 md5s, gz md5s): the published ones, or those of an md5sum file (both kinds in one)."""
-    if path is None:
-        return dict(PUBLISHED_H5_MD5), dict(PUBLISHED_GZ_MD5)
-    table = read_checksum_file(Path(path))
+def checksums_from(path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(h5 md5s, gz md5s) of an md5sum-format file holding both kinds (fetch.checksums: the
+    published release's in data/pcam.md5, or a mirror's)."""
+    try:
+        table = read_checksum_file(Path(path))
+    except OSError as exc:
+        raise PipelineError(
+            f"fetch.checksums: {path} cannot be read ({exc.strerror}). Fix: point "
+            "fetch.checksums in params.yaml at an md5sum-format file (data/pcam.md5 holds the "
+            "published release's)"
+        ) from None
+    except ValueError as exc:
+        raise PipelineError(
+            f"fetch.checksums: {exc}. Fix: one `<md5>  <file name>` per line, as md5sum prints"
+        ) from None
     h5 = {name: md5 for name, md5 in table.items() if name.endswith(".h5")}
     gz = {name: md5 for name, md5 in table.items() if name.endswith(".h5.gz")}
     return h5, gz

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from pcam_pipeline.data.channel_stats import ChannelStats, channel_sums
-from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, ProcessedWriter, scan_blocks
+from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, open_writer, scan_blocks
 from pcam_pipeline.data.pcam import SPLITS, blank_mask, split_files
 from pcam_pipeline.data.processed import STATS_SPLIT, ProcessedData
 from pcam_pipeline.errors import NoSpace, PipelineError
@@ -90,7 +90,7 @@ def check_free_space(source_dir: Path, target_dir: Path, params: PreprocessParam
     """Fail before writing when the splits cannot fit: their size if no patch were dropped (an
     upper bound) against the free space of the file system holding `target_dir`. The old
     files stay until every new one is complete, so they free nothing in the meantime."""
-    layout = ProcessedLayout(params.chunk_patches, params.compression)
+    layout = processed_layout(params)
     needed = sum(
         layout.max_file_bytes(source_length(split_files(source_dir, split)[0])) for split in SPLITS
     )
@@ -162,88 +162,139 @@ def read_labels(source: SplitSource) -> np.ndarray:
         return handle["y"][...].reshape(-1).astype(np.uint8)
 
 
-def process_split(
-    source_dir: Path,
-    split: str,
-    target: Path,
+@dataclass(frozen=True)
+class SplitPlan:
+    """What preprocess keeps of a split and why, decided before anything is written."""
+
+    source: SplitSource
+    labels: np.ndarray  # every patch's label
+    keep: np.ndarray  # bool, per patch: not dropped as blank
+    cast_from: str | None  # the dtype of wider pixels, cast to uint8
+    clipped: int  # patches with a pixel outside [0, 255]
+
+    def record(self) -> dict[str, Any]:
+        """The split's entry in reports/preprocess.json."""
+        blank = np.flatnonzero(~self.keep).tolist()
+        return {
+            "source": str(self.source.x_path),
+            "cast_from": self.cast_from,
+            "clipped": self.clipped,
+            "n_in": len(self.keep),
+            "n_out": int(self.keep.sum()),
+            "blank_removed": len(blank),
+            "blank_indices": blank,
+        }
+
+
+def plan_split(
+    source: SplitSource,
     params: PreprocessParams,
     checks: ValidateParams,
     stats: ChannelStats | None,
-    *,
-    temporary: Path | None = None,
-) -> dict[str, Any]:
-    """Stream one PCAM split into `target`: reading and preparing blocks in worker threads while
-    this thread writes the one before, in file order. `checks`: the blank levels, and whether a
-    split may hold one class. `stats`: add the kept patches to it. `temporary`: write there and
-    leave the rename to the caller. Returns what was removed and why."""
-    source = SplitSource(split, *split_files(source_dir, split), target)
-    layout = ProcessedLayout(params.chunk_patches, params.compression)
-    record: dict[str, Any] = {"source": str(source.x_path), "cast_from": None, "clipped": 0}
-    blank_indices: list[int] = []
+) -> SplitPlan:
+    """The first pass over a split: which patches to keep, and (`stats`) the channel sums of
+    those kept. Reading and checking blocks runs in worker threads (`scan_blocks`). Raises if
+    what is kept cannot be trained or scored on (`check_kept`), before anything is written."""
     labels = read_labels(source)
-    kept_labels: list[np.ndarray] = []
-    with (
-        PatchBlocks(source.x_path, "x") as reader,
-        ProcessedWriter(target, layout, temporary=temporary, fix=SPACE_FIX) as writer,
-    ):
+    with PatchBlocks(source.x_path, "x") as reader:
         if reader.length != len(labels):
             raise PipelineError(
                 f"{source.y_path}: {len(labels)} labels for {reader.length} patches in "
                 f"{source.x_path}; run `dvc repro validate` to see what is wrong with the split"
             )
-        if reader.dtype != np.uint8:
-            record["cast_from"] = str(reader.dtype)
+        cast_from = None if reader.dtype == np.uint8 else str(reader.dtype)
+        keep = np.ones(reader.length, dtype=bool)
+        clipped = 0
 
         def prepare(raw: np.ndarray, _: slice) -> PreparedBlock:
             return prepare_block(raw, params.drop_blank, checks, stats is not None)
 
         for part, _, block in scan_blocks(reader, params.block_patches, prepare, zero_copy=True):
-            record["clipped"] += block.clipped
-            blank_indices += (np.flatnonzero(block.blank) + part.start).tolist()
-            indices = np.arange(part.start, part.stop)[block.keep]
-            kept_labels.append(labels[part][block.keep])
-            writer.append(block.patches, kept_labels[-1], indices)
+            keep[part] = block.keep
+            clipped += block.clipped
             if stats is not None and block.sums is not None and block.squares is not None:
                 stats.add(block.sums, block.squares, len(block.patches))
-        record.update(n_in=reader.length, n_out=writer.count)
-        kept = np.concatenate(kept_labels) if kept_labels else np.empty(0, np.uint8)
-        # Inside the `with`: raising here leaves nothing of the split under `target`.
-        check_kept(source, reader.length, kept, checks)
-    return {**record, "blank_removed": len(blank_indices), "blank_indices": blank_indices}
+    check_kept(source, len(labels), labels[keep], checks)
+    return SplitPlan(source, labels, keep, cast_from, clipped)
+
+
+def write_split(
+    plan: SplitPlan, layout: ProcessedLayout, block_patches: int, temporary: Path | None
+) -> str | None:
+    """The second pass: the kept patches of `plan`, uint8, into its target in `layout` (at
+    `temporary` if given, renamed by the caller). Returns the file's md5 where the layout lets
+    the writer know it as it writes (contiguous), else None."""
+    source = plan.source
+
+    def kept(raw: np.ndarray, part: slice) -> np.ndarray:
+        block, keep = to_uint8(raw), plan.keep[part]
+        return block if keep.all() else block[keep]  # boolean indexing copies: only if needed
+
+    with (
+        PatchBlocks(source.x_path, "x") as reader,
+        open_writer(
+            source.target, layout, int(plan.keep.sum()), temporary=temporary, fix=SPACE_FIX
+        ) as writer,
+    ):
+        for part, _, patches in scan_blocks(reader, block_patches, kept, zero_copy=True):
+            keep = plan.keep[part]
+            index = np.arange(part.start, part.stop)[keep]
+            writer.append(patches, plan.labels[part][keep], index)
+    return writer.md5
+
+
+def processed_layout(params: PreprocessParams) -> ProcessedLayout:
+    return ProcessedLayout(params.chunk_patches, params.compression, params.layout)
+
+
+@dataclass(frozen=True)
+class ProcessedResult:
+    report: dict[str, Any]  # per split: what was removed and why (reports/preprocess.json)
+    md5s: dict[Path, str]  # each file whose md5 the writer knows (contiguous), by final path
 
 
 def write_processed(
     dataset: ProcessedData, source: Path, params: PreprocessParams, checks: ValidateParams
-) -> dict[str, Any]:
+) -> ProcessedResult:
     """Every split of the PCAM-format directory `source`, made training-ready, into `dataset`,
-    with the train split's statistics; returns what was removed from each split and why.
+    with the train split's statistics.
 
-    All or nothing: free space is checked before anything is written, each split goes to a
-    temporary name, and all are renamed into place once every one is good. A failure in the
-    last split leaves the previous dataset whole (never a new train.h5 beside an old
-    valid.h5 and stats.json).
+    Two passes: every split is planned first (`plan_split`: what to keep, the statistics, the
+    checks that can fail), then written (`write_split`); the first pass also reads the split
+    into the page cache for the second. Knowing a split's size before writing it lets the
+    contiguous layout place every byte in file order and know the file's md5 when done, which
+    DVC then takes instead of reading 7 GB back (`dvc_state`).
+
+    All or nothing: free space is checked and every split planned before anything is written,
+    each split goes to a temporary name, and all are renamed into place once every one is good.
+    A failure in the last split leaves the previous dataset whole (never a new train.h5 beside
+    an old valid.h5 and stats.json).
     """
     dataset.root.mkdir(parents=True, exist_ok=True)
     check_free_space(source, dataset.root, params)
     stats = ChannelStats()
-    report = {}
+    plans = [
+        plan_split(
+            SplitSource(split, *split_files(source, split), dataset.split_path(split)),
+            params,
+            checks,
+            stats if split == STATS_SPLIT else None,
+        )
+        for split in SPLITS
+    ]
+    layout = processed_layout(params)
+    md5s: dict[Path, str | None] = {}
     with contextlib.ExitStack() as all_splits:
-        for split in SPLITS:
-            target = dataset.split_path(split)
-            report[split] = process_split(
-                source,
-                split,
-                target,
-                params,
-                checks,
-                stats if split == STATS_SPLIT else None,
-                temporary=all_splits.enter_context(atomic_path(target)),
-            )
+        for plan in plans:
+            target = plan.source.target
+            temporary = all_splits.enter_context(atomic_path(target))
+            md5s[target] = write_split(plan, layout, params.block_patches, temporary)
             log.info(
                 "preprocess %s: %d -> %d patches",
-                split,
-                report[split]["n_in"],
-                report[split]["n_out"],
+                plan.source.split,
+                len(plan.keep),
+                int(plan.keep.sum()),
             )
     dataset.write_stats(stats)
-    return report
+    report = {plan.source.split: plan.record() for plan in plans}
+    return ProcessedResult(report, {path: md5 for path, md5 in md5s.items() if md5 is not None})

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pcam_pipeline.data.download import download_pcam_file
+from pcam_pipeline.data.hashing import copy_hashed
 from pcam_pipeline.data.hdf5 import HDF5_METADATA_BYTES, write_pcam_split
 from pcam_pipeline.data.pcam import PATCH_BYTES, SPLITS, all_file_names, checksums_from, split_files
 from pcam_pipeline.data.synthetic import generate_split
@@ -75,12 +78,9 @@ def write_synthetic(params: FetchParams, out_dir: Path) -> None:
         log.info("synthetic %s: %d patches, %d positive", split, size, int(y.sum()))
 
 
-def verify_source_dir(
-    source_dir: Path, h5_md5: dict[str, str], known: KnownHashes
-) -> dict[Path, str | None]:
-    """The six PCAM files in `source_dir`, md5-checked, each with its md5 (None: no expected
-    md5, not read); raise naming every problem. An md5 DVC has just computed for the file (as
-    fetch.input, a dependency of the stage) is used instead of reading the file again."""
+def source_files(source_dir: Path, h5_md5: dict[str, str], checksums: str) -> dict[Path, str]:
+    """The six PCAM files in `source_dir`, each with the md5 it must have; raise naming every
+    problem: not a directory, a file missing, a file `checksums` gives no md5 for."""
     if not source_dir.is_dir():
         raise SourceError(
             f"fetch.input: {source_dir} is not a directory. Fix: point fetch.input in params.yaml "
@@ -90,48 +90,84 @@ def verify_source_dir(
     problems, files = [], {}
     for name in all_file_names():
         path = source_dir / name
-        files[path] = None
-        if not path.is_file():
+        if name not in h5_md5:
+            problems.append(f"{checksums}: no md5 for {name}")
+        elif not path.is_file():
             problems.append(f"{path}: missing")
-        elif name in h5_md5:
-            files[path] = actual = known.md5(path) or md5_file(path)
-            if actual != h5_md5[name]:
-                problems.append(f"{path}: md5 {actual} != expected {h5_md5[name]}")
+        else:
+            files[path] = h5_md5[name]
     if problems:
         raise SourceError(
-            "fetch: the source directory does not hold the expected PCAM files:\n  "
+            "fetch: the source cannot be verified:\n  "
             + "\n  ".join(problems)
-            + "\nFix: re-download with `pcam download` (or re-copy the shared files); for files "
-            "that are not the official release, give their md5s with fetch.checksums"
+            + "\nFix: re-download with `pcam download` (or re-copy the shared files); files that "
+            f"are not the official release need every md5 in fetch.checksums (`md5sum FILE >> "
+            f"{checksums}`)"
         )
     return files
 
 
 def copied_bytes(sources: list[Path], target_dir: Path, link: str) -> int:
     """The most extra space placing `sources` in `target_dir` takes: every file is copied, but
-    with link: hardlink those on the target's file system are only linked."""
+    with link: hardlink those on the target's file system are only linked. The old files go
+    only once every new one is in place."""
     device = os.stat(nearest_existing(target_dir)).st_dev
-    writes = []
-    for source in sources:
-        status = source.stat()
-        linked = link == "hardlink" and status.st_dev == device
-        writes.append((0 if linked else status.st_size, replaced_bytes(target_dir / source.name)))
-    return peak_bytes(writes)
+    return sum(
+        0 if link == "hardlink" and source.stat().st_dev == device else source.stat().st_size
+        for source in sources
+    )
 
 
-def place(source: Path, target: Path, link: str) -> None:
-    """Hard-link (same file system) or copy `source` to `target`, atomically."""
-    with atomic_path(target) as tmp:
-        if link == "hardlink":
-            try:
-                os.link(source, tmp)
-                return
-            except OSError as exc:
-                log.info("cannot hard-link %s (%s); copying", source, exc)
+@dataclass(frozen=True)
+class Placed:
+    """A file of the source placed under a temporary name: its md5, and the file as DVC's state
+    knows it when that md5 was taken (None: a new copy, hashed as it was written)."""
+
+    md5: str
+    linked_as_of: dict[str, Any] | None
+
+
+def place_verified(source: Path, tmp: Path, link: str, known: KnownHashes) -> Placed:
+    """Hard-link `source` to `tmp` (link: hardlink, same file system) or copy it, and return the
+    md5 of what is now at `tmp`: a link's from DVC's state or one read of the file, a copy's
+    computed while writing it (one read of the source for both)."""
+    if link == "hardlink":
         try:
-            shutil.copyfile(source, tmp)
-        except OSError as exc:  # a disk filled by something else since the check
-            raise write_failed(target, exc, SPACE_FIX) from None
+            os.link(source, tmp)
+        except OSError as exc:
+            log.info("cannot hard-link %s (%s); copying", source, exc)
+        else:
+            as_of = known.file_info(tmp)  # before reading: a change meanwhile voids the record
+            return Placed(known.md5(source) or md5_file(tmp), as_of)
+    try:
+        return Placed(copy_hashed(source, tmp), None)
+    except OSError as exc:  # a disk filled by something else since the check
+        raise write_failed(tmp.with_name(source.name), exc, SPACE_FIX) from None
+
+
+def place_all(files: dict[Path, str], target_dir: Path, link: str, known: KnownHashes) -> None:
+    """Every verified file of the source in `target_dir`, all or nothing: each goes to a
+    temporary name, is checked against its md5, and all are renamed into place only if every
+    one matches. DVC's state then holds each file's md5, so DVC hashes none of them again."""
+    placed: dict[Path, Placed] = {}
+    problems = []
+    with contextlib.ExitStack() as renames:
+        for source, expected in files.items():
+            tmp = renames.enter_context(atomic_path(target_dir / source.name))
+            placed[source] = done = place_verified(source, tmp, link, known)
+            if done.md5 != expected:
+                problems.append(f"{source}: md5 {done.md5} != expected {expected}")
+        if problems:
+            raise SourceError(
+                "fetch: the source directory does not hold the expected PCAM files:\n  "
+                + "\n  ".join(problems)
+                + "\nFix: re-download with `pcam download` (or re-copy the shared files); for "
+                "files that are not the official release, give their md5s with fetch.checksums"
+            )
+    for source, done in placed.items():
+        known.record(target_dir / source.name, done.md5, done.linked_as_of)
+        if done.linked_as_of is not None:  # the same file: a later fetch reads nothing
+            known.record(source, done.md5, done.linked_as_of)
 
 
 def download(params: FetchParams, target_dir: Path = RAW_DIR) -> list[Path]:
@@ -152,16 +188,11 @@ def main(params: Params) -> None:
         write_synthetic(fetch, PCAM_DIR)
         return
     h5_md5, _ = checksums_from(fetch.checksums)
+    files = source_files(Path(fetch.input), h5_md5, fetch.checksums)
+    fix = SPACE_FIX
+    if fetch.link == "copy":
+        fix += ", or set fetch.link: hardlink with data/pcam on the file system of fetch.input"
+    require_free_space(PCAM_DIR, copied_bytes(list(files), PCAM_DIR, fetch.link), fix)
     with known_hashes(PCAM_DIR) as known:
-        verified = verify_source_dir(Path(fetch.input), h5_md5, known)
-        fix = SPACE_FIX
-        if fetch.link == "copy":
-            fix += ", or set fetch.link: hardlink with data/pcam on the file system of fetch.input"
-        require_free_space(PCAM_DIR, copied_bytes(list(verified), PCAM_DIR, fetch.link), fix)
-        for source, md5 in verified.items():
-            target = PCAM_DIR / source.name
-            place(source, target, fetch.link)
-            # A hard link is the verified file itself: DVC need not hash data/pcam again.
-            if md5 is not None and os.path.samefile(source, target):
-                known.record(target, md5)
-    log.info("fetch: %d files from %s (%s)", len(all_file_names()), fetch.input, fetch.source)
+        place_all(files, PCAM_DIR, fetch.link, known)
+    log.info("fetch: %d files from %s (%s)", len(files), fetch.input, fetch.source)
