@@ -78,7 +78,8 @@ def test_fetch_reuses_dvcs_md5_of_the_source_and_records_its_links(
     source = make_pcam_dir(dvc_repo / "shared")
     sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in source.iterdir()}
     (dvc_repo / "sums.md5").write_text("".join(f"{m}  {n}\n" for n, m in sums.items()))
-    # The record stands for DVC's hash of fetch.input: a wrong one is what fetch must believe.
+    # A record in DVC's state (an earlier fetch, `pcam download`) is what fetch takes instead
+    # of reading the file: a wrong one is what fetch must believe.
     victim = sorted(sums)[0]
     with known_hashes(dvc_repo) as known:
         known.record(source / victim, "f" * 32)
