@@ -35,10 +35,13 @@ def test_every_stage_output_in_dvc_yaml_is_a_path_constant():
             paths.TRAIN_LIVE_DIR / "metrics.json",
         },
         "evaluate": {paths.EVALUATE_DIR, paths.METRICS_FILE},
+        "export": {paths.EXPORT_DIR, paths.EXPORT_REPORT},
         "benchmark": {paths.BENCHMARK_DIR, paths.BENCHMARK_FILE},
     }
     declared = declared_outputs()
-    assert list(declared) == ["fetch", "validate", "preprocess", "train", "evaluate", "benchmark"]
+    assert list(declared) == [
+        "fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark"
+    ]  # fmt: skip
     for stage, outs in expected.items():
         assert declared[stage] == {str(p) for p in outs}, stage
 
@@ -103,7 +106,7 @@ def test_the_processed_file_names_are_written_once():
 
 PACKAGE = "pcam_pipeline"
 SOURCE_ROOT = REPO_ROOT / "src"
-STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "benchmark")
+STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark")
 
 
 def module_path(name: str, root: Path = SOURCE_ROOT) -> Path | None:

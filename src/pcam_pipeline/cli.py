@@ -14,10 +14,10 @@ import yaml
 from pcam_pipeline import numerics
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import ParamsError, launched_params, load_params
-from pcam_pipeline.paths import PARAMS_FILE, RAW_DIR
+from pcam_pipeline.paths import EXPORT_DIR, PARAMS_FILE, RAW_DIR, RUNTIME_LOCK
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted
 
-STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "benchmark")
+STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark")
 EXPERIMENT_COMMANDS = ("seeds", "summarize", "search")
 
 
@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "flips", "d8"],
         help="mean probability over the square's symmetries (as evaluate.tta; none by default)",
     )
+    bundle = commands.add_parser(
+        "bundle", help="the exported model, its card and a stand-alone runner: DIR and DIR.tar.gz"
+    )
+    bundle.add_argument("dir", type=Path, help="the bundle directory to write")
+    bundle.add_argument("--export-dir", type=Path, default=EXPORT_DIR, help="[models/export]")
     report = commands.add_parser(
         "report", help="compare against a base revision offline: reports/compare/report.md"
     )
@@ -137,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             from pcam_pipeline import weights
 
             weights.main(args.tag)
+            return 0
+        if args.command == "bundle":
+            from pcam_pipeline.export import bundle
+
+            bundle.main(args.export_dir, args.dir, RUNTIME_LOCK)
             return 0
         if args.command == "report":
             from pcam_pipeline.review import report

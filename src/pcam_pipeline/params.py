@@ -205,6 +205,31 @@ class BenchmarkParams(_Section):
     # The architectures whose training loop is timed, one row each: `train` (the model train.*
     # configures), `cnn`, `mlp`, or a timm model's name (train.timm's other settings)
     models: list[str] = Field(min_length=1)
+    # the exported model (ONNX fp32, int8) against torch eager, timed at these batch sizes
+    export_batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+
+
+class Int8Params(_Section):
+    # qoperator: QLinearConv and friends (ONNX Runtime's fused int8 kernels); qdq: Quantize/
+    # DequantizeLinear pairs around float ops, the portable form other runtimes fold
+    format: Literal["qoperator", "qdq"]
+    per_channel: bool  # a weight scale per output channel rather than per tensor
+    calibration_patches: int = Field(gt=0)  # a seeded subset of the valid split
+    seed: int
+    max_auroc_drop: float = Field(ge=0, le=1)  # int8 test AUROC below fp32's by more fails
+
+
+class ExportParams(_Section):
+    # ONNX opset of the TorchScript-based exporter (same bytes on every run; docs/export.md)
+    opset: int = Field(ge=13, le=20)
+    # Test-time augmentation baked into the graph; the card's threshold was chosen under
+    # evaluate.tta, so the two must agree (checked by the stage)
+    tta: Literal["none", "flips", "d8"]
+    parity_tolerance: float = Field(gt=0, lt=1)  # max |p_onnx - p_torch| on the test split
+    int8: Int8Params
+    spacing_um_px: float = Field(gt=0)  # micrometres per pixel the patches were cut at
+    max_batch_size: int = Field(gt=0)  # serving engines: the largest batch they form
+    max_queue_delay_us: int = Field(ge=0)  # serving engines: how long a batch may wait to fill
 
 
 class Params(_Section):
@@ -216,6 +241,7 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams
     benchmark: BenchmarkParams
+    export: ExportParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

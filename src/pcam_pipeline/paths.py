@@ -3,6 +3,7 @@
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
+RUNTIME_LOCK = Path("requirements-runtime.lock")  # the pins of what the stages import
 
 RAW_DIR = Path("data/raw")  # official PCAM files from `pcam download`, pinned by data.dvc
 PCAM_DIR = Path("data/pcam")  # fetch: PCAM-format HDF5, whatever the source
@@ -23,6 +24,9 @@ ERRORS_IMAGE = EVALUATE_DIR / "confident_errors.png"
 
 BENCHMARK_FILE = Path("reports/benchmark.json")
 BENCHMARK_DIR = Path("reports/benchmark")
+
+EXPORT_DIR = MODELS_DIR / "export"  # export: the model as its users run it (docs/export.md)
+EXPORT_REPORT = Path("reports/export.json")
 
 # Train and evaluate read the processed data from here when set (node-local staging on Slurm).
 TRAIN_DATA_DIR_ENV = "PCAM_TRAIN_DATA_DIR"

@@ -55,7 +55,7 @@ ISOLATED = ("--read-only", "--network", "none", "--user", RUN_UID)
 # measures wall-clock throughput, so only its presence is checked. Checkpoints (*.pt) record the
 # Python version in their provenance (the image's Debian 3.11.2 vs the host's 3.11.x), so they are
 # compared by content: every tensor (weights, optimizer, RNG) and every other field must be equal.
-DETERMINISTIC_STAGES = ("fetch", "validate", "preprocess", "train", "evaluate")
+DETERMINISTIC_STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "export")
 VALID_DEF_SECTIONS = {
     "setup", "files", "environment", "post", "runscript", "startscript", "test", "labels",
     "help", "arguments",

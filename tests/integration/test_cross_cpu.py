@@ -1,14 +1,18 @@
-"""CPU training writes the same bytes on other x86-64 CPUs (docs/reproducibility.md).
+"""CPU training and the export write the same bytes on other x86-64 CPUs
+(docs/reproducibility.md).
 
-`pcam train`, the real entry point (which pins the CPU numerics before torch loads), runs on
-this machine and under qemu-user emulating an Intel AVX2 CPU (Haswell) and an AMD one (EPYC
-Rome): a few steps of the default CNN on a tiny dataset. The checkpoints and
-the dvclive logs must be byte-identical to this machine's. Emulation runs at about 1/1000 of
-the speed, so the runs are tiny, and all of them start at once (one session fixture).
+`pcam train` then `pcam export`, the real entry points (which pin the CPU numerics before torch
+loads), run on this machine and under qemu-user emulating an Intel AVX2 CPU (Haswell) and an AMD
+one (EPYC Rome): a few steps of the default CNN on a tiny dataset, then its ONNX, int8 (ONNX
+Runtime's calibration runs on the emulated CPU's kernels), TorchScript and card. The
+checkpoints, the dvclive logs and every exported file must be byte-identical to this machine's.
+Emulation runs at about 1/1000 of the speed, so the runs are tiny, and all of them start at once
+(one session fixture).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +41,21 @@ RUN = {
 # The CNN only: its head is a Linear, so MKL's GEMM (the vendor-dependent path found for issue 17)
 # is exercised too; the MLP under emulation doubled its share of CI (docs/reproducibility.md).
 MODELS = ("cnn",)
+# The tiny split's 4 test patches say nothing of int8's AUROC: this test is about bytes.
+EXPORT = {"int8": {"calibration_patches": 4, "max_auroc_drop": 1.0}}
+# What evaluate would have written (export reads the threshold and the metrics for the card).
+METRICS = {
+    "tta": "none",
+    "threshold": {"rule": "youden", "value": 0.5, "chosen_on": "valid"},
+    "test": {"auroc": 1.0, "accuracy": 1.0, "balanced_accuracy": 1.0},
+    "valid": {"auroc": 1.0, "n": 4},
+    "baseline": {"accuracy": 0.5},
+}
+# train, then export, in one shell: both under the emulator when there is one
+STAGES = 'set -e; "$@" train; "$@" export'
+PCAM = [sys.executable, "-m", "pcam_pipeline.cli"]
+
+
 VENDORS = {"Haswell-v4": "GenuineIntel", "EPYC-Rome": "AuthenticAMD"}
 NATIVE = "native"
 
@@ -48,7 +67,9 @@ class Run:
     log: str
 
     def outputs(self) -> dict[str, bytes]:
-        return training_outputs(self.directory)
+        """The train stage's outputs and the export's (models/export/ lies under models/)."""
+        report = self.directory / "reports" / "export.json"
+        return {**training_outputs(self.directory), "reports/export.json": report.read_bytes()}
 
 
 def unpinned_env(**extra: str) -> dict[str, str]:
@@ -72,7 +93,9 @@ def cross_cpu_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, 
         for cpu in (NATIVE, *cpus):
             directory = base / f"{model}-{cpu}"
             directory.mkdir()
-            write_params_file(directory, train={**RUN, "model": model})
+            write_params_file(directory, train={**RUN, "model": model}, export=EXPORT)
+            (directory / "reports").mkdir()
+            (directory / "reports" / "metrics.json").write_text(json.dumps(METRICS))
             emulator = [] if cpu == NATIVE else [str(CROSS_CPU), "run", cpu]
             # One thread here, two under emulation: the thread count must not matter either.
             env = unpinned_env(PCAM_TRAIN_DATA_DIR=str(data), OMP_NUM_THREADS="1")
@@ -82,7 +105,7 @@ def cross_cpu_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, 
             started[(model, cpu)] = (
                 directory,
                 subprocess.Popen(
-                    [*emulator, sys.executable, "-m", "pcam_pipeline.cli", "train"],
+                    ["bash", "-c", STAGES, "-", *emulator, *PCAM],
                     cwd=directory,
                     env=env,
                     stdout=log,
@@ -125,6 +148,7 @@ def test_training_on_an_emulated_cpu_writes_the_bytes_this_cpu_writes(
     ours, theirs = here.outputs(), there.outputs()
     assert sorted(ours) == sorted(theirs)
     assert "models/best.pt" in ours and "dvclive/train/metrics.json" in ours
+    assert {"models/export/model.onnx", "models/export/model.int8.onnx"} <= set(ours)
     differing = [name for name in ours if ours[name] != theirs[name]]
     assert not differing, (
         f"{model} trained on an emulated {cpu} ({VENDORS[cpu]}) wrote other bytes than on "

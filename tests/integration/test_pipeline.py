@@ -14,12 +14,12 @@ from tests.integration.conftest import make_run_log, run
 
 pytestmark = pytest.mark.heavy
 REPRO_CHECK = REPO_ROOT / "scripts" / "repro-check.py"
-STAGES = ["fetch", "validate", "preprocess", "train", "evaluate", "benchmark"]
+STAGES = ["fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark"]
 # A fresh clone has the git-tracked outputs (reports, metrics, plots) but not the DVC-cached ones
-# (datasets, checkpoints): these stages must run. The others are skipped because their deps
-# (the recomputed datasets and checkpoint, byte for byte) and committed outputs match dvc.lock;
-# test_validate_evaluate_and_benchmark_really_run runs them.
-RECOMPUTED = ["fetch", "preprocess", "train"]
+# (datasets, checkpoints, the exported model): these stages must run. The others are skipped
+# because their deps (the recomputed datasets, checkpoint and export, byte for byte) and committed
+# outputs match dvc.lock; test_validate_evaluate_and_benchmark_really_run runs them.
+RECOMPUTED = ["fetch", "preprocess", "train", "export"]
 SKIPPED = ["validate", "evaluate", "benchmark"]
 
 
@@ -58,7 +58,7 @@ def test_validate_evaluate_and_benchmark_really_run(pipeline_repo: Path, tmp_pat
     run(["git", "clone", "-q", str(pipeline_repo), str(clone)], tmp_path)
     run(["dvc", "cache", "dir", "--local", str(pipeline_repo / ".dvc" / "cache")], clone)
     run(["dvc", "checkout", "dvc.yaml"], clone)  # the pipeline's outputs (not data/raw)
-    for stage in ("validate", "evaluate"):
+    for stage in ("validate", "evaluate", "export"):
         result = run(["dvc", "repro", "--force", "--single-item", stage], clone)
         assert f"Running stage '{stage}'" in result.stdout
         # Deterministic: the same reports, metrics and plots, byte for byte, and the same lock.

@@ -499,7 +499,7 @@ def test_killed_while_holding_the_repo_lock(tmp_path: Path, hardlink_lock: bool)
 # --- the pipeline's outputs (heavy: they need one real `dvc repro`) -----------------------------
 # What DVC caches (and so pushes and pulls); the rest of the outputs are committed to git.
 CACHED_OUTPUTS = ["data/pcam", "data/processed", "models/best.pt", "models/last.pt", "data/raw"]
-STAGES = ["fetch", "validate", "preprocess", "train", "evaluate", "benchmark"]
+STAGES = ["fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark"]
 
 
 @dataclass
