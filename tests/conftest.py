@@ -93,6 +93,16 @@ def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="session")
+def exported_run(
+    trained_run: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """trained_run, evaluated and exported: models/export/, reports/{metrics,export}.json."""
+    from tests.tiny_pipeline import export_in
+
+    return export_in(trained_run, tmp_path_factory.mktemp("exported-run"), tiny_data)
+
+
+@pytest.fixture(scope="session")
 def imagenet_resnet18(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A safetensors file as the hub holds timm's resnet18 weights (a 1000-class head), made
     from a seeded timm model: what `pcam weights download` fetches and train loads."""

@@ -27,39 +27,15 @@ from pcam_pipeline.inference import model_from_checkpoint, predict_batches
 from pcam_pipeline.metrics import auroc
 from pcam_pipeline.params import ParamsError
 from pcam_pipeline.paths import EXPORT_DIR, EXPORT_REPORT
-from tests.tiny_pipeline import raw_params, small_run_params, tree_bytes, workdir
-
-# The tiny run's 64 test patches: one pair ranked the other way moves the AUROC by 1/1024
-CALIBRATION = {"int8": {"calibration_patches": 64, "max_auroc_drop": 0.02}}
-
-
-def export_params(**export):
-    return small_run_params(export={**CALIBRATION, **export})
-
-
-def evaluated_copy(trained_run: Path, target: Path, data: Path, tta: str = "none") -> Path:
-    """A copy of the small trained run with evaluate's reports/metrics.json (under `tta`)."""
-    from pcam_pipeline.stages import evaluate
-
-    shutil.copytree(trained_run / "models", target / "models")
-    with workdir(target, data):
-        evaluate.main(small_run_params(evaluate={"tta": tta}))
-    return target
-
-
-def run_export(directory: Path, data: Path, **export) -> dict:
-    from pcam_pipeline.stages import export as stage
-
-    with workdir(directory, data):
-        stage.main(export_params(**export))
-        return json.loads(EXPORT_REPORT.read_text())
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tiny_data, tmp_path_factory) -> Path:
-    directory = evaluated_copy(trained_run, tmp_path_factory.mktemp("exported"), tiny_data)
-    run_export(directory, tiny_data)
-    return directory
+from tests.tiny_pipeline import (
+    CALIBRATION,
+    export_params,
+    raw_params,
+    run_export,
+    small_run_params,
+    tree_bytes,
+    workdir,
+)
 
 
 def test_pcam_names_export_a_stage():
@@ -69,34 +45,36 @@ def test_pcam_names_export_a_stage():
     assert cli.build_parser().parse_args(["export"]).command == "export"
 
 
-def test_every_file_is_written_and_named_by_the_card(exported):
-    export = exported / EXPORT_DIR
+def test_every_file_is_written_and_named_by_the_card(exported_run):
+    export = exported_run / EXPORT_DIR
     card = json.loads((export / build.CARD_JSON).read_text())
     assert set(card["files"]) == set(build.WHAT)
     for name, entry in card["files"].items():
         data = (export / name).read_bytes()
         assert (len(data), hashlib.md5(data).hexdigest()) == (entry["bytes"], entry["md5"]), name
-    checkpoint = (exported / "models" / "best.pt").read_bytes()
+    checkpoint = (exported_run / "models" / "best.pt").read_bytes()
     assert card["model"]["checkpoint_md5"] == hashlib.md5(checkpoint).hexdigest()
-    metrics = json.loads((exported / "reports" / "metrics.json").read_text())
+    metrics = json.loads((exported_run / "reports" / "metrics.json").read_text())
     assert card["metrics"]["threshold"] == metrics["threshold"]
     assert card["metrics"]["test"]["auroc"] == metrics["test"]["auroc"]
     assert card["data"]["source"] == "synthetic" and "test.h5" in card["data"]["md5"]
     assert "synthetic" in card["limits"][0]
     markdown = (export / build.CARD_MD).read_text()
     assert "Intended use" in markdown and card["model"]["checkpoint_md5"] in markdown
-    report = json.loads((exported / EXPORT_REPORT).read_text())
+    report = json.loads((exported_run / EXPORT_REPORT).read_text())
     assert report["files"]["model.onnx"] == card["files"]["model.onnx"]["bytes"]
     assert report["threshold"] == metrics["threshold"]["value"]
 
 
-def test_onnx_gives_the_probabilities_pcam_predict_gives(exported, tiny_data):
-    model, mean, std, _ = model_from_checkpoint(exported / "models/best.pt", torch.device("cpu"))
+def test_onnx_gives_the_probabilities_pcam_predict_gives(exported_run, tiny_data):
+    model, mean, std, _ = model_from_checkpoint(
+        exported_run / "models/best.pt", torch.device("cpu")
+    )
     with h5py.File(tiny_data / "test.h5", "r") as handle:
         patches, labels = handle["x"][...], handle["y"][...]
     ours = predict_batches(model, [torch.from_numpy(patches)], mean, std, torch.device("cpu"))
-    fp32 = onnx_model.session(exported / EXPORT_DIR / build.FP32_FILE)
-    int8 = onnx_model.session(exported / EXPORT_DIR / build.INT8_FILE)
+    fp32 = onnx_model.session(exported_run / EXPORT_DIR / build.FP32_FILE)
+    int8 = onnx_model.session(exported_run / EXPORT_DIR / build.INT8_FILE)
     # One patch at a time and all at once: the batch axis is dynamic.
     single = onnx_model.onnx_probabilities(fp32, [patches[i : i + 1] for i in range(len(patches))])
     whole = onnx_model.onnx_probabilities(fp32, [patches])
@@ -122,12 +100,12 @@ def test_tta_in_the_graph_is_evaluates_tta(trained_run, tiny_data, tta):
     assert np.max(np.abs(onnx_probs - expected)) <= 1e-5
 
 
-def test_pcam_export_writes_the_same_bytes_at_any_thread_count(exported, tiny_data, tmp_path):
+def test_pcam_export_writes_the_same_bytes_at_any_thread_count(exported_run, tiny_data, tmp_path):
     """Two `pcam export` processes, one and two threads (TorchScript names a class it traces
     again in one process anew, so each run is a process of its own, as under `dvc repro`)."""
     runs = []
     for threads in ("1", "2"):
-        run = shutil.copytree(exported, tmp_path / f"threads-{threads}")
+        run = shutil.copytree(exported_run, tmp_path / f"threads-{threads}")
         shutil.rmtree(run / EXPORT_DIR)
         (run / "params.yaml").write_text(yaml.safe_dump(raw_params(export=CALIBRATION)))
         env = {**os.environ, "PCAM_TRAIN_DATA_DIR": str(tiny_data), "OMP_NUM_THREADS": threads}
@@ -142,12 +120,12 @@ def test_pcam_export_writes_the_same_bytes_at_any_thread_count(exported, tiny_da
     assert (one / EXPORT_REPORT).read_bytes() == (two / EXPORT_REPORT).read_bytes()
 
 
-def test_wsinfer_reads_the_config_and_the_torchscript_module(exported, tiny_data):
+def test_wsinfer_reads_the_config_and_the_torchscript_module(exported_run, tiny_data):
     import jsonschema
     import wsinfer
     from wsinfer_zoo.client import ModelConfiguration
 
-    export = exported / EXPORT_DIR
+    export = exported_run / EXPORT_DIR
     config = json.loads((export / build.WSINFER_CONFIG_FILE).read_text())
     schema = Path(wsinfer.__file__).parent / "schemas" / "model-config.schema.json"
     jsonschema.validate(config, json.loads(schema.read_text()))
@@ -169,11 +147,11 @@ def test_wsinfer_reads_the_config_and_the_torchscript_module(exported, tiny_data
     assert np.max(np.abs(torch.sigmoid(logits[:, 0]).detach().numpy() - expected)) <= 1e-5
 
 
-def test_triton_reads_the_repository_config(exported):
+def test_triton_reads_the_repository_config(exported_run):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    repository = exported / EXPORT_DIR / build.REPOSITORY_DIR / "pcam"
+    repository = exported_run / EXPORT_DIR / build.REPOSITORY_DIR / "pcam"
     config = text_format.Parse(
         (repository / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
@@ -189,7 +167,7 @@ def test_triton_reads_the_repository_config(exported):
     (output,) = config.output
     assert (output.name, list(output.dims), list(output.reshape.shape)) == ("probability", [1], [])
     model = repository / "1" / "model.onnx"
-    assert model.read_bytes() == (exported / EXPORT_DIR / build.FP32_FILE).read_bytes()
+    assert model.read_bytes() == (exported_run / EXPORT_DIR / build.FP32_FILE).read_bytes()
 
 
 def test_range_widening_is_outward_and_absorbs_last_bit_differences():
@@ -203,25 +181,25 @@ def test_range_widening_is_outward_and_absorbs_last_bit_differences():
 # --- what the stage refuses ---------------------------------------------------------------------
 
 
-def test_a_checkpoint_of_another_architecture_is_named(exported, tiny_data, tmp_path):
+def test_a_checkpoint_of_another_architecture_is_named(exported_run, tiny_data, tmp_path):
     from pcam_pipeline.stages import export as stage
 
-    with workdir(shutil.copytree(exported, tmp_path / "run"), tiny_data):
+    with workdir(shutil.copytree(exported_run, tmp_path / "run"), tiny_data):
         params = small_run_params(train={"model": "mlp"}, export=CALIBRATION)
         with pytest.raises(PipelineError, match=r"holds a cnn model, but .*train.model says mlp"):
             stage.main(params)
 
 
-def test_a_missing_stats_file_is_named(exported, tiny_data, tmp_path):
+def test_a_missing_stats_file_is_named(exported_run, tiny_data, tmp_path):
     data = shutil.copytree(tiny_data, tmp_path / "data")
     (data / "stats.json").unlink()
     with pytest.raises(PipelineError, match=r"stats.json: not found. Fix: run preprocess"):
-        run_export(shutil.copytree(exported, tmp_path / "run"), data)
+        run_export(shutil.copytree(exported_run, tmp_path / "run"), data)
 
 
-def test_export_tta_must_be_the_thresholds_tta(exported, tiny_data, tmp_path):
+def test_export_tta_must_be_the_thresholds_tta(exported_run, tiny_data, tmp_path):
     with pytest.raises(PipelineError, match=r"evaluate.tta 'none', but export.tta is 'd8'"):
-        run_export(shutil.copytree(exported, tmp_path / "run"), tiny_data, tta="d8")
+        run_export(shutil.copytree(exported_run, tmp_path / "run"), tiny_data, tta="d8")
 
 
 def test_an_opset_outside_the_exporters_range_is_a_params_error():
@@ -245,14 +223,16 @@ class DataDependent(nn.Module):
         return -logits
 
 
-def test_a_model_that_exports_wrongly_fails_and_keeps_nothing(exported, tiny_data, tmp_path):
-    model, mean, std, _ = model_from_checkpoint(exported / "models/best.pt", torch.device("cpu"))
+def test_a_model_that_exports_wrongly_fails_and_keeps_nothing(exported_run, tiny_data, tmp_path):
+    model, mean, std, _ = model_from_checkpoint(
+        exported_run / "models/best.pt", torch.device("cpu")
+    )
     with h5py.File(tiny_data / "test.h5", "r") as handle:
         patches, labels = handle["x"][...], handle["y"][...]
     wrong = DataDependent(model).eval()
     expected = predict_batches(wrong, [torch.from_numpy(patches)], mean, std, torch.device("cpu"))
     trained = build.TrainedModel(wrong, mean, std, "cnn", "0" * 32)
-    metrics = json.loads((exported / "reports" / "metrics.json").read_text())
+    metrics = json.loads((exported_run / "reports" / "metrics.json").read_text())
     evaluation = build.Evaluation(lambda: [patches], labels, patches[:8], metrics)
     out = tmp_path / "export"
     out.mkdir()
@@ -274,12 +254,12 @@ def pcam_bundle(cwd: Path, target: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_bundle_is_the_export_plus_a_runner_and_the_same_tarball_twice(exported, tmp_path):
-    repo = Path(__file__).resolve().parents[1]
-    shutil.copy(repo / "requirements-runtime.lock", exported / "requirements-runtime.lock")
-    first = pcam_bundle(exported, tmp_path / "one" / "pcam-model")
+def test_the_bundle_is_the_export_plus_a_runner_and_the_same_tarball_twice(exported_run, tmp_path):
+    run = shutil.copytree(exported_run, tmp_path / "run")
+    shutil.copy(Path(__file__).resolve().parents[1] / "requirements-runtime.lock", run)
+    first = pcam_bundle(run, tmp_path / "one" / "pcam-model")
     assert first.returncode == 0, first.stderr
-    second = pcam_bundle(exported, tmp_path / "two" / "pcam-model")
+    second = pcam_bundle(run, tmp_path / "two" / "pcam-model")
     bundle = tmp_path / "one" / "pcam-model"
     tarball = bundle.with_name("pcam-model.tar.gz")
     assert tarball.read_bytes() == (tmp_path / "two" / "pcam-model.tar.gz").read_bytes()
@@ -293,8 +273,8 @@ def test_the_bundle_is_the_export_plus_a_runner_and_the_same_tarball_twice(expor
     assert [pin.split("==")[0] for pin in pins] == ["numpy", "pillow", "onnxruntime"]
 
 
-def test_the_bundle_refuses_an_export_that_is_not_the_cards(exported, tmp_path):
-    run = shutil.copytree(exported, tmp_path / "run")
+def test_the_bundle_refuses_an_export_that_is_not_the_cards(exported_run, tmp_path):
+    run = shutil.copytree(exported_run, tmp_path / "run")
     shutil.copy(Path(__file__).resolve().parents[1] / "requirements-runtime.lock", run)
     (run / EXPORT_DIR / build.INT8_FILE).write_bytes(b"not the model")
     result = pcam_bundle(run, tmp_path / "bundle")

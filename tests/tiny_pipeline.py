@@ -9,7 +9,9 @@ and tests/test_predict.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
 from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.data.synthetic import generate_split
 from pcam_pipeline.params import Params, parse_params
+from pcam_pipeline.paths import EXPORT_REPORT
 from tests.conftest import raw_params_with
 
 SIZES = {"train": 256, "valid": 64, "test": 64}
@@ -176,3 +179,32 @@ def train_in(directory: Path, data_dir: Path, params: Params | None = None) -> P
     with workdir(directory, data_dir):
         train.main(params or small_run_params())
     return directory
+
+
+# The tiny run's 64 test patches: one pair ranked the other way moves the AUROC by 1/1024
+CALIBRATION = {"int8": {"calibration_patches": 64, "max_auroc_drop": 0.02}}
+
+
+def export_params(**export: Any) -> Params:
+    return small_run_params(export={**CALIBRATION, **export})
+
+
+def export_in(trained_run: Path, target: Path, data_dir: Path) -> Path:
+    """A copy of the small trained run, evaluated (reports/metrics.json) and exported
+    (models/export/, reports/export.json)."""
+    from pcam_pipeline.stages import evaluate
+
+    shutil.copytree(trained_run / "models", target / "models")
+    with workdir(target, data_dir):
+        evaluate.main(small_run_params())
+    run_export(target, data_dir)
+    return target
+
+
+def run_export(directory: Path, data_dir: Path, **export: Any) -> dict[str, Any]:
+    """The export stage in `directory` with export_params(**export); its report."""
+    from pcam_pipeline.stages import export as stage
+
+    with workdir(directory, data_dir):
+        stage.main(export_params(**export))
+        return json.loads(EXPORT_REPORT.read_text())
