@@ -281,3 +281,36 @@ def test_the_bundle_refuses_an_export_that_is_not_the_cards(exported_run, tmp_pa
     assert result.returncode == 1
     assert "model.int8.onnx: missing or not the file the model card names" in result.stderr
     assert "dvc repro export" in result.stderr and not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize(
+    ("train", "data"),
+    [
+        ({"model": "mlp"}, "tiny_data"),
+        # timm_data's 16 test patches: one pair ranked the other way moves the AUROC by 1/64
+        ({"model": "timm", "epochs": 1, "batch_size": 32}, "timm_data"),
+    ],
+    ids=["mlp", "timm-resnet18"],
+)
+def test_every_architecture_exports_with_parity(train, data, request, tmp_path):
+    from pcam_pipeline.stages import evaluate
+    from pcam_pipeline.stages import export as stage
+    from tests.tiny_pipeline import train_in
+
+    data_dir = request.getfixturevalue(data)
+    params = small_run_params(
+        train=train, export={"int8": {"calibration_patches": 16, "max_auroc_drop": 0.1}}
+    )
+    run = train_in(tmp_path, data_dir, params)
+    with workdir(run, data_dir):
+        evaluate.main(params)
+        stage.main(params)
+    card = json.loads((run / EXPORT_DIR / build.CARD_JSON).read_text())
+    expected = "pcam-timm/resnet18" if train["model"] == "timm" else "pcam-mlp"
+    assert card["model"]["architecture"] == expected
+    model, mean, std, _ = model_from_checkpoint(run / "models/best.pt", torch.device("cpu"))
+    with h5py.File(data_dir / "test.h5", "r") as handle:
+        patches = handle["x"][...]
+    ours = predict_batches(model, [torch.from_numpy(patches)], mean, std, torch.device("cpu"))
+    fp32 = onnx_model.session(run / EXPORT_DIR / build.FP32_FILE)
+    assert np.max(np.abs(onnx_model.onnx_probabilities(fp32, [patches]) - ours)) <= 1e-5

@@ -10,6 +10,8 @@ model that fails a check raises PipelineError and nothing is kept.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +26,12 @@ from torch import nn
 from pcam_pipeline.data.pcam import PATCH_SHAPE
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.export import card, onnx_model, triton, wsinfer
-from pcam_pipeline.export.graph import INPUT_NAME, OUTPUT_NAME, PatchClassifier
+from pcam_pipeline.export.graph import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PatchClassifier,
+    batchnorm_folded,
+)
 from pcam_pipeline.metrics import auroc
 from pcam_pipeline.params import ExportParams
 
@@ -120,17 +127,13 @@ def check_parity(name: str, ours: np.ndarray, reference: np.ndarray, tolerance: 
     return worst
 
 
-def export_model(
-    trained: TrainedModel,
-    evaluation: Evaluation,
-    torch_probs: np.ndarray,
-    params: ExportParams,
-    data: dict[str, Any],
-    out: Path,
-) -> dict[str, Any]:
-    """Write every exported file into the empty directory `out`; return reports/export.json."""
-    tta = params.tta
-    graph = PatchClassifier(trained.model, trained.mean, trained.std, tta).eval()
+def checked_graphs(
+    trained: TrainedModel, evaluation: Evaluation, torch_probs: np.ndarray, params: ExportParams
+) -> tuple[dict[str, bytes], np.ndarray]:
+    """The fp32 ONNX graph and the TorchScript module, each checked against torch, with the
+    WSInfer config and the Triton repository: (file name -> bytes, ONNX fp32's probabilities)."""
+    folded = batchnorm_folded(trained.model)
+    graph = PatchClassifier(folded, trained.mean, trained.std, params.tta).eval()
     example = torch.zeros((2, *PATCH_SHAPE), dtype=torch.uint8)
     try:
         fp32 = onnx_model.onnx_bytes(graph, example, params.opset)
@@ -140,51 +143,69 @@ def export_model(
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); set export.opset to "
             "another value between 13 and 20 in params.yaml"
         ) from None
-    written: dict[str, bytes] = {FP32_FILE: fp32}
-    session = onnx_model.session(fp32)
-    onnx_probs = onnx_model.onnx_probabilities(session, evaluation.test_blocks())
-    threshold = evaluation.metrics["threshold"]["value"]
+    onnx_probs = onnx_model.onnx_probabilities(onnx_model.session(fp32), evaluation.test_blocks())
     worst = check_parity("ONNX fp32", onnx_probs, torch_probs, params.parity_tolerance)
     log.info("ONNX fp32 against torch on %d test patches: max |dp| %.3g", len(onnx_probs), worst)
-
-    scripted = wsinfer.torchscript_bytes(trained.model, tta)
+    scripted = wsinfer.torchscript_bytes(trained.model, params.tta)
     check_parity(
         "The TorchScript module",
         torchscript_probabilities(scripted, evaluation.test_blocks(), trained.mean, trained.std),
         torch_probs,
         params.parity_tolerance,
     )
-    written[TORCHSCRIPT_FILE] = scripted
     stats = {"mean": trained.mean.tolist(), "std": trained.std.tolist()}
-    architecture = f"pcam-{trained.architecture}"
-    written[WSINFER_CONFIG_FILE] = json_bytes(
-        wsinfer.config(architecture, stats, params.spacing_um_px)
-    )
     repository = f"{REPOSITORY_DIR}/{triton.MODEL_NAME}"
-    written[f"{repository}/config.pbtxt"] = triton.config_pbtxt(
-        params.max_batch_size, params.max_queue_delay_us
-    ).encode()
-    written[f"{repository}/{triton.VERSION}/{triton.MODEL_FILE}"] = fp32
+    files = {
+        FP32_FILE: fp32,
+        TORCHSCRIPT_FILE: scripted,
+        WSINFER_CONFIG_FILE: json_bytes(
+            wsinfer.config(f"pcam-{trained.architecture}", stats, params.spacing_um_px)
+        ),
+        f"{repository}/config.pbtxt": triton.config_pbtxt(
+            params.max_batch_size, params.max_queue_delay_us
+        ).encode(),
+        f"{repository}/{triton.VERSION}/{triton.MODEL_FILE}": fp32,
+    }
+    return files, onnx_probs
 
-    for name, data_bytes in written.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(data_bytes)
+
+def checked_int8(
+    out: Path, evaluation: Evaluation, fp32_probs: np.ndarray, params: ExportParams
+) -> dict[str, bytes]:
+    """The int8 model of `out`'s fp32 one, written beside it and checked against fp32's test
+    AUROC, with its calibrated ranges."""
     ranges = onnx_model.quantize(
         out / FP32_FILE, out / INT8_FILE, evaluation.calibration, params.int8
     )
-    written[INT8_FILE] = (out / INT8_FILE).read_bytes()
-    written[CALIBRATION_FILE] = json_bytes(
-        {"method": "MinMax", "patches": len(evaluation.calibration), "ranges": ranges}
-    )
-    (out / CALIBRATION_FILE).write_bytes(written[CALIBRATION_FILE])
     int8_probs = onnx_model.onnx_probabilities(
         onnx_model.session(out / INT8_FILE), evaluation.test_blocks()
     )
-    check_int8(evaluation.test_labels, onnx_probs, int8_probs, params.int8.max_auroc_drop)
+    check_int8(evaluation.test_labels, fp32_probs, int8_probs, params.int8.max_auroc_drop)
+    calibration = {"method": "MinMax", "patches": len(evaluation.calibration), "ranges": ranges}
+    return {INT8_FILE: (out / INT8_FILE).read_bytes(), CALIBRATION_FILE: json_bytes(calibration)}
+
+
+def export_model(
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    torch_probs: np.ndarray,
+    params: ExportParams,
+    data: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """Write every exported file into the empty directory `out` (the caller keeps it only if
+    this returns); return reports/export.json."""
+    written, fp32_probs = checked_graphs(trained, evaluation, torch_probs, params)
+    for name, content in written.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    int8 = checked_int8(out, evaluation, fp32_probs, params)
+    (out / CALIBRATION_FILE).write_bytes(int8[CALIBRATION_FILE])
+    written.update(int8)
 
     files = {
-        name: {"what": WHAT[name], "bytes": len(data_bytes), "md5": md5_bytes(data_bytes)}
-        for name, data_bytes in sorted(written.items())
+        name: {"what": WHAT[name], "bytes": len(content), "md5": md5_bytes(content)}
+        for name, content in sorted(written.items())
     }
     export_facts = {
         "exporter": "torch.onnx.export (TorchScript-based, dynamo=False)",
@@ -197,16 +218,19 @@ def export_model(
     model_card = card.model_card(
         identity={
             "name": "pcam-classifier",
-            "architecture": architecture,
+            "architecture": f"pcam-{trained.architecture}",
             "checkpoint_md5": trained.checkpoint_md5,
             "parameters": sum(p.numel() for p in trained.model.parameters()),
         },
         data=data,
         metrics=evaluation.metrics,
-        interface=interface(tta),
+        interface=interface(params.tta),
         files=files,
         export=export_facts,
-        trained_with={"normalisation": stats, "tta": tta},
+        trained_with={
+            "normalisation": {"mean": trained.mean.tolist(), "std": trained.std.tolist()},
+            "tta": params.tta,
+        },
     )
     (out / CARD_JSON).write_bytes(json_bytes(model_card))
     (out / CARD_MD).write_text(card.markdown(model_card))
@@ -219,8 +243,8 @@ def export_model(
             "int8_max_auroc_drop": params.int8.max_auroc_drop,
         },
         "opset": params.opset,
-        "tta": tta,
-        "threshold": threshold,
+        "tta": params.tta,
+        "threshold": evaluation.metrics["threshold"]["value"],
     }
 
 
@@ -239,8 +263,6 @@ def torchscript_probabilities(
     scripted: bytes, blocks: Iterable[np.ndarray], mean: torch.Tensor, std: torch.Tensor
 ) -> np.ndarray:
     """What WSInfer computes from the TorchScript file: ToTensor, Normalize, sigmoid."""
-    import io
-
     module = torch.jit.load(io.BytesIO(scripted), map_location="cpu")
     outputs = []
     with torch.no_grad():
@@ -252,6 +274,4 @@ def torchscript_probabilities(
 
 
 def json_bytes(data: Any) -> bytes:
-    import json
-
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

@@ -12,8 +12,13 @@ the patch, the model returns one logit per patch as (N, 1), and WSInfer applies 
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 INPUT_NAME = "patches"
 OUTPUT_NAME = "probability"
@@ -30,6 +35,29 @@ def symmetric_views(x: torch.Tensor, tta: str) -> torch.Tensor:
         view = view.flip(2) if code & 2 else view
         views.append(view.transpose(1, 2) if code & 4 else view)
     return torch.cat(views) if len(views) > 1 else x
+
+
+def batchnorm_folded(model: nn.Module) -> nn.Module:
+    """A copy of `model` (in eval mode) with each BatchNorm folded into the convolution or
+    linear layer before it, computed in float64 and rounded once to float32.
+
+    The ONNX exporter folds them itself, in float32, and its result differed in the last bit
+    between an AVX-512 and an emulated AVX2 CPU; float64 multiplies, divides and square roots
+    are correctly rounded on every CPU, so this fold is the same everywhere. A model torch.fx
+    cannot trace is returned as it is (the exporter folds it then) and the log says so.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(copy.deepcopy(model).eval().double())
+    except Exception as exc:  # symbolic tracing raises many kinds for Python control flow
+        log.warning(
+            "torch.fx cannot trace the model (%s): the ONNX exporter folds its batch "
+            "normalisation in float32, which can differ in the last bit between CPUs",
+            type(exc).__name__,
+        )
+        return model
+    return fused.float().eval()
 
 
 class PatchClassifier(nn.Module):

@@ -32,7 +32,12 @@ RANGE_MANTISSA_BITS = 5
 
 
 def onnx_bytes(module: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:
-    """The module as an ONNX model with a dynamic batch axis, weights inside the file."""
+    """The module as an ONNX model with a dynamic batch axis, weights inside the file. The
+    producer version is torch's public one: its +cpu build and PyPI's CUDA build write the
+    same graph and must write the same bytes."""
+    import onnx
+    from packaging.version import Version
+
     buffer = io.BytesIO()
     module.eval()
     with torch.no_grad():
@@ -46,7 +51,9 @@ def onnx_bytes(module: torch.nn.Module, example: torch.Tensor, opset: int) -> by
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
-    return buffer.getvalue()
+    model = onnx.load_from_string(buffer.getvalue())
+    model.producer_version = Version(model.producer_version).public
+    return model.SerializeToString()
 
 
 def session(model: Path | bytes, threads: int = 0) -> object:

@@ -21,14 +21,31 @@ CLASS_NAMES = ["tumor"]  # one output: the probability of tumour tissue in the p
 
 
 def torchscript_bytes(model: torch.nn.Module, tta: str) -> bytes:
-    """`NormalisedLogit` traced and saved through memory (a path would enter the archive)."""
+    """`NormalisedLogit` traced and saved through memory (a path would enter the archive),
+    without its debug records."""
     module = NormalisedLogit(model, tta).eval()
     example = torch.zeros((2, PATCH_SHAPE[2], *PATCH_SHAPE[:2]))
     with torch.no_grad():
-        traced = torch.jit.trace(module, example, check_trace=False)
+        traced = torch.jit.trace(module, example, check_trace=False, _store_inputs=False)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
-    return buffer.getvalue()
+    return without_debug_records(buffer.getvalue())
+
+
+def without_debug_records(archive: bytes) -> bytes:
+    """A TorchScript archive less its `*.debug_pkl` records: the source ranges of the traced
+    code, which name the absolute paths of the project's and torch's files (another clone or
+    venv, other bytes). Loading and running need none of them; the writer is torch's own, so
+    the archive keeps its layout."""
+    reader = torch._C.PyTorchFileReader(io.BytesIO(archive))
+    out = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(out)
+    for name in reader.get_all_records():
+        if not name.endswith(".debug_pkl"):
+            record = reader.get_record(name)
+            writer.write_record(name, record, len(record))
+    writer.write_end_of_file()
+    return out.getvalue()
 
 
 def config(architecture: str, stats: dict[str, Any], spacing_um_px: float) -> dict[str, Any]:
