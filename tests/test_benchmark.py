@@ -53,7 +53,6 @@ BENCHMARK = {
     "loader_patches": 300,
     "baseline_patches": 16,
     "models": ["train", "mlp"],
-    "export_batch_sizes": [1, 8],
 }
 
 
@@ -74,16 +73,6 @@ def project(in_tmp_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tmp.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(tmp))
     return in_tmp_project
-
-
-@pytest.fixture
-def with_export(project: Path, exported_run: Path, tiny_data: Path) -> Path:
-    """The project with an exported model (models/, reports/metrics.json) and a test split."""
-    shutil.copytree(exported_run / "models", project / "models")
-    (project / "reports").mkdir(exist_ok=True)
-    shutil.copy(exported_run / "reports" / "metrics.json", project / "reports")
-    shutil.copy(tiny_data / "test.h5", project / "data" / "processed")
-    return project
 
 
 def approx(value: float) -> Any:
@@ -137,7 +126,7 @@ def check_loop_rows(loop: dict[str, Any]) -> None:
         assert row["pcam_epoch_s"] == approx(PCAM_TRAIN_PATCHES / row["end_to_end_img_s"])
 
 
-def test_stage_writes_metrics_and_plots(with_export, params, monkeypatch):
+def test_stage_writes_metrics_and_plots(project, params, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_JOB_PARTITION", "gpu-short")
     benchmark.main(params)
@@ -186,18 +175,6 @@ def test_stage_writes_metrics_and_plots(with_export, params, monkeypatch):
         assert row["fed_fraction"] == approx(row["end_to_end_img_s"] / row["resident_img_s"])
     plot = json.loads(Path("reports/benchmark/architectures.json").read_text())
     assert [r["model"] for r in plot] == ["cnn", "mlp"]
-    # The exported model against torch: parity, then the three engines side by side.
-    exported = metrics["export"]
-    assert exported["parity"]["fp32_max_abs_delta_p"] <= 1e-5
-    assert exported["parity"]["fp32_decisions_differing"] == 0
-    assert 0.5 < exported["parity"]["int8_auroc"] <= 1
-    for batch in (1, 8):
-        row = exported[f"batch_{batch}"]
-        assert row["int8_over_fp32"] == approx(row["onnx_int8_img_s"] / row["onnx_fp32_img_s"])
-        assert min(row["torch_eager_img_s"], row["onnx_fp32_img_s"]) > 0
-    rows = json.loads(Path("reports/benchmark/export.json").read_text())
-    assert [r["batch_size"] for r in rows] == [1, 8]
-    assert 0 < metrics["seconds_export"] < metrics["seconds"]
 
 
 def test_a_benchmark_models_entry_names_the_architecture(params):
@@ -227,7 +204,7 @@ def test_the_model_table_times_the_real_train_step(params, monkeypatch):
     assert row["train_img_s"] == approx(4 / row["train_step_s"])
 
 
-def test_out_of_memory_is_a_result_not_a_crash(with_export, params, monkeypatch):
+def test_out_of_memory_is_a_result_not_a_crash(project, params, monkeypatch):
     real = training.normalise
 
     def normalise(x, *args, **kwargs):

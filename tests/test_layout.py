@@ -36,11 +36,13 @@ def test_every_stage_output_in_dvc_yaml_is_a_path_constant():
         },
         "evaluate": {paths.EVALUATE_DIR, paths.METRICS_FILE},
         "export": {paths.EXPORT_DIR, paths.EXPORT_REPORT},
+        "export_bench": {paths.EXPORT_BENCH_FILE},
         "benchmark": {paths.BENCHMARK_DIR, paths.BENCHMARK_FILE},
     }
     declared = declared_outputs()
     assert list(declared) == [
-        "fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark"
+        "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench",
+        "benchmark",
     ]  # fmt: skip
     for stage, outs in expected.items():
         assert declared[stage] == {str(p) for p in outs}, stage
@@ -106,7 +108,9 @@ def test_the_processed_file_names_are_written_once():
 
 PACKAGE = "pcam_pipeline"
 SOURCE_ROOT = REPO_ROOT / "src"
-STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark")
+STAGES = (
+    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark"
+)  # fmt: skip
 
 
 def module_path(name: str, root: Path = SOURCE_ROOT) -> Path | None:

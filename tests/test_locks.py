@@ -105,7 +105,7 @@ def test_check_cuda_rejects_a_lock_that_moves_a_runtime_pin(tmp_path):
 def test_only_the_runtime_lock_is_a_stage_dependency():
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     with_lock = {n for n, s in stages.items() if "requirements-runtime.lock" in s["deps"]}
-    assert with_lock == {"train", "evaluate", "export", "benchmark"}
+    assert with_lock == {"train", "evaluate", "export", "export_bench", "benchmark"}
     assert not any("requirements.lock" in s["deps"] for s in stages.values())
     assert not any("requirements-cu130.lock" in s["deps"] for s in stages.values())
 

@@ -17,7 +17,9 @@ from pcam_pipeline.params import ParamsError, launched_params, load_params
 from pcam_pipeline.paths import EXPORT_DIR, PARAMS_FILE, RAW_DIR, RUNTIME_LOCK
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted
 
-STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark")
+STAGES = (
+    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark"
+)  # fmt: skip
 EXPERIMENT_COMMANDS = ("seeds", "summarize", "search")
 
 

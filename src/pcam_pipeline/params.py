@@ -205,8 +205,6 @@ class BenchmarkParams(_Section):
     # The architectures whose training loop is timed, one row each: `train` (the model train.*
     # configures), `cnn`, `mlp`, or a timm model's name (train.timm's other settings)
     models: list[str] = Field(min_length=1)
-    # the exported model (ONNX fp32, int8) against torch eager, timed at these batch sizes
-    export_batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
 
 
 class Int8Params(_Section):
@@ -232,6 +230,12 @@ class ExportParams(_Section):
     max_queue_delay_us: int = Field(ge=0)  # serving engines: how long a batch may wait to fill
 
 
+class ExportBenchParams(_Section):
+    # the exported model (ONNX fp32, int8) against torch eager, timed at these batch sizes
+    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    rounds: int = Field(gt=0)  # each round times every engine once; the median is kept
+
+
 class Params(_Section):
     cpu: CpuParams
     fetch: FetchParams
@@ -242,6 +246,7 @@ class Params(_Section):
     evaluate: EvaluateParams
     benchmark: BenchmarkParams
     export: ExportParams
+    export_bench: ExportBenchParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

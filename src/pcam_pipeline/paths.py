@@ -27,6 +27,7 @@ BENCHMARK_DIR = Path("reports/benchmark")
 
 EXPORT_DIR = MODELS_DIR / "export"  # export: the model as its users run it (docs/export.md)
 EXPORT_REPORT = Path("reports/export.json")
+EXPORT_BENCH_FILE = Path("reports/export_bench.json")  # export_bench: parity and speed here
 
 # Train and evaluate read the processed data from here when set (node-local staging on Slurm).
 TRAIN_DATA_DIR_ENV = "PCAM_TRAIN_DATA_DIR"

@@ -380,7 +380,12 @@ def test_container_runs_the_bound_checkouts_code(
 TINY_PARAMS = {
     ("fetch", "sizes"): {"train": 256, "valid": 64, "test": 64},
     ("train", "epochs"): 1,
-}
+    # 64 test patches: one pair ranked the other way moves the AUROC by 1/1024
+    ("export", "int8"): {
+        "format": "qdq", "per_channel": True, "calibration_patches": 64, "seed": 2026,
+        "max_auroc_drop": 0.05,
+    },
+}  # fmt: skip
 
 
 @pytest.mark.heavy

@@ -14,7 +14,7 @@ import pytest
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.heavy
-RUNTIME_STAGES = {"train", "evaluate", "export", "benchmark"}
+RUNTIME_STAGES = {"train", "evaluate", "export", "export_bench", "benchmark"}
 
 
 @pytest.fixture

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.heavy
 SMALL = {
     "fetch": {"sizes": {"train": 256, "valid": 128, "test": 128}},
     "train": {"epochs": 1},
+    # 128 test patches: one pair ranked the other way moves the AUROC by 1/4096
+    "export": {"int8": {"max_auroc_drop": 0.05}},
+    "export_bench": {"batch_sizes": [8], "rounds": 1},
     "benchmark": {
         "batch_sizes": [8],
         "devices": ["cpu"],

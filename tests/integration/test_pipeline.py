@@ -14,13 +14,17 @@ from tests.integration.conftest import make_run_log, run
 
 pytestmark = pytest.mark.heavy
 REPRO_CHECK = REPO_ROOT / "scripts" / "repro-check.py"
-STAGES = ["fetch", "validate", "preprocess", "train", "evaluate", "export", "benchmark"]
+STAGES = [
+    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark"
+]  # fmt: skip
 # A fresh clone has the git-tracked outputs (reports, metrics, plots) but not the DVC-cached ones
 # (datasets, checkpoints, the exported model): these stages must run. The others are skipped
 # because their deps (the recomputed datasets, checkpoint and export, byte for byte) and committed
 # outputs match dvc.lock; test_validate_evaluate_and_benchmark_really_run runs them.
 RECOMPUTED = ["fetch", "preprocess", "train", "export"]
-SKIPPED = ["validate", "evaluate", "benchmark"]
+# The measuring stages (export_bench, benchmark) are skipped too: their inputs are the same bytes.
+SKIPPED = ["validate", "evaluate", "export_bench", "benchmark"]
+MEASURING = ["export_bench", "benchmark"]  # their outputs are timings: rerun, they differ
 
 
 def test_make_run_in_a_fresh_clone_reproduces_the_committed_lock(pipeline_repo: Path):
@@ -64,20 +68,26 @@ def test_validate_evaluate_and_benchmark_really_run(pipeline_repo: Path, tmp_pat
         # Deterministic: the same reports, metrics and plots, byte for byte, and the same lock.
         assert run(["git", "status", "--porcelain"], clone).stdout == "", stage
 
-    benchmark = run(["dvc", "repro", "--force", "--single-item", "benchmark"], clone)
-    assert "Running stage 'benchmark'" in benchmark.stdout
+    for stage in MEASURING:
+        result = run(["dvc", "repro", "--force", "--single-item", stage], clone)
+        assert f"Running stage '{stage}'" in result.stdout
     results = json.loads((clone / "reports" / "benchmark.json").read_text())
     assert {"loader", "loop", "model", "latency_batch1", "memory", "environment"} <= set(results)
     for row in results["loop"].values():
         assert row["end_to_end_img_s"] > 0 and row["resident_img_s"] > 0
         assert row["fed_fraction"] > 0 and row["pcam_epoch_s"] > 0
-    # Only the benchmark's own (timing) outputs changed in the lock.
+    exported = json.loads((clone / "reports" / "export_bench.json").read_text())
+    assert exported["parity"]["fp32_max_abs_delta_p"] <= 1e-5
+    assert exported["parity"]["int8_auroc_drop"] <= 0.005
+    assert [row["batch_size"] for row in exported["rows"]] == [1, 256]
+    # Only the measuring stages' own (timing) outputs changed in the lock.
     before = lock_stages((REPO_ROOT / "dvc.lock").read_text())
     after = lock_stages((clone / "dvc.lock").read_text())
-    assert {name: stage for name, stage in after.items() if name != "benchmark"} == {
-        name: stage for name, stage in before.items() if name != "benchmark"
+    assert {name: stage for name, stage in after.items() if name not in MEASURING} == {
+        name: stage for name, stage in before.items() if name not in MEASURING
     }
-    assert after["benchmark"]["deps"] == before["benchmark"]["deps"]
+    for stage in MEASURING:
+        assert after[stage]["deps"] == before[stage]["deps"], stage
 
 
 def test_metrics_beat_the_baseline(pipeline_repo: Path):

@@ -1,12 +1,12 @@
-"""The exported model against torch, measured on this CPU: the benchmark stage's `export` table.
+"""The exported model against torch, measured on this CPU: what the export_bench stage writes.
 
 Parity on the whole test split (ONNX fp32 against torch as `pcam predict` runs it, int8 against
 fp32: AUROC and decisions at evaluate's threshold), then img/s of torch eager, ONNX Runtime
-fp32 and int8 at each of `benchmark.export_batch_sizes`, timed side by side: each round times
+fp32 and int8 at each of `export_bench.batch_sizes`, timed side by side: each round times
 every engine once, and each figure is the median over the rounds, so a change of load on the
 machine touches all three alike. The figures depend on this CPU's kernels (ONNX Runtime picks
-them by CPUID: AVX2, AVX-512, VNNI, AMX), which is why they live here and not in the export
-stage's hashed outputs.
+them by CPUID: AVX2, AVX-512, VNNI, AMX), which is why they are not among the export stage's
+hashed outputs.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def time_export(params: Params) -> dict[str, Any]:
 
     patches = torch.cat(blocks).numpy()
     rows = []
-    for batch in params.benchmark.export_batch_sizes:
+    for batch in params.export_bench.batch_sizes:
         x = tiled(patches, batch)
         x_torch = torch.from_numpy(x)
         seconds = side_by_side(
@@ -90,7 +90,7 @@ def time_export(params: Params) -> dict[str, Any]:
                 "onnx_fp32": lambda x=x: onnx_probabilities(fp32, [x]),
                 "onnx_int8": lambda x=x: onnx_probabilities(int8, [x]),
             },
-            params.benchmark.timed_iters,
+            params.export_bench.rounds,
         )
         row: dict[str, Any] = {"batch_size": batch}
         row.update({f"{name}_img_s": batch / s for name, s in seconds.items()})

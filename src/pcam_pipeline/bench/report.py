@@ -99,15 +99,11 @@ def metrics_from(results: dict[str, Any]) -> dict[str, Any]:
     }
     copied = ("loader", "memory", "targets", "environment", "headline_series")
     timings = ("seconds", "seconds_loader", "seconds_models", "seconds_loop")
-    timings += ("seconds_architectures", "seconds_export")
+    timings += ("seconds_architectures",)
     return {
         **{key: results[key] for key in (*copied, *timings)},
         "loop": loop,
         "architectures": architectures,
-        "export": {
-            **{k: v for k, v in results["export"].items() if k != "rows"},
-            **{f"batch_{r['batch_size']}": r for r in results["export"]["rows"]},
-        },
         "model": model,
         "latency_batch1": results["models"]["latency_batch1"],
         "skipped": results["models"]["skipped"],
@@ -155,7 +151,6 @@ def write_reports(results: dict[str, Any]) -> None:
     )
     write_json(BENCHMARK_DIR / "throughput_all.json", [{"series": series(r), **r} for r in rows])
     write_json(BENCHMARK_DIR / "loader.json", designs)
-    write_json(BENCHMARK_DIR / "export.json", results["export"]["rows"])
 
 
 def log_results(results: dict[str, Any]) -> None:
@@ -201,24 +196,4 @@ def log_results(results: dict[str, Any]) -> None:
                 row["batch_size"],
                 row["end_to_end_img_s"],
             )
-    exported = results["export"]
-    for row in exported["rows"]:
-        log.info(
-            "exported model, batch %d: torch eager %.0f img/s, ONNX fp32 %.0f, int8 %.0f "
-            "(int8/fp32 %.2fx)",
-            row["batch_size"],
-            row["torch_eager_img_s"],
-            row["onnx_fp32_img_s"],
-            row["onnx_int8_img_s"],
-            row["int8_over_fp32"],
-        )
-    log.info(
-        "exported model parity on %d test patches: fp32 max |dp| %.2g; int8 AUROC %.4f vs fp32 "
-        "%.4f, decisions agree on %.1f%%",
-        exported["parity"]["test_patches"],
-        exported["parity"]["fp32_max_abs_delta_p"],
-        exported["parity"]["int8_auroc"],
-        exported["parity"]["fp32_auroc"],
-        100 * exported["parity"]["int8_decision_agreement"],
-    )
     log.info("benchmark done in %.1f s", results["seconds"])

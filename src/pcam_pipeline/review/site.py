@@ -494,7 +494,10 @@ def _walk(
 
 
 def _anchor(prog: str) -> str:
-    return re.sub(r"[^a-z0-9-]", "", prog.lower().replace(" ", "-"))
+    """The id mkdocs gives the heading `prog`: Python-Markdown's own slugify (underscores kept)."""
+    from markdown.extensions.toc import slugify
+
+    return slugify(prog, "-")
 
 
 def cli_reference(parser: argparse.ArgumentParser) -> str:

@@ -5,9 +5,8 @@ loader designs side by side on the train split's bytes (`bench.loaders`), the mo
 step and inference over batch sizes, devices and precisions (`bench.throughput.time_models`),
 and the training loop end to end against its step on resident data
 (`bench.throughput.time_loops`), also per architecture of `benchmark.models`
-(`bench.throughput.time_architectures`), and the exported model against torch: parity and
-img/s of ONNX Runtime fp32 and int8 (`bench.exported`). The full-size validate/preprocess
-timings are not part of the stage: `python -m pcam_pipeline.bench.perf full`.
+(`bench.throughput.time_architectures`). The full-size validate/preprocess timings are not
+part of the stage: `python -m pcam_pipeline.bench.perf full`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import time
 from typing import Any
 
 from pcam_pipeline.bench.environment import environment
-from pcam_pipeline.bench.exported import time_export
 from pcam_pipeline.bench.loaders import loader_targets, time_loader_designs
 from pcam_pipeline.bench.report import (
     headline_series,
@@ -40,13 +38,10 @@ def run(params: Params) -> dict[str, Any]:
     results["loop"] = time_loops(params)
     loop_done = time.perf_counter()
     results["architectures"] = time_architectures(params)
-    architectures_done = time.perf_counter()
-    results["export"] = time_export(params)
     results["seconds_loader"] = loader_done - started
     results["seconds_models"] = models_done - loader_done
     results["seconds_loop"] = loop_done - models_done
-    results["seconds_architectures"] = architectures_done - loop_done
-    results["seconds_export"] = time.perf_counter() - architectures_done
+    results["seconds_architectures"] = time.perf_counter() - loop_done
     results["targets"] = loader_targets(results["loader"])
     results["headline_series"] = headline_series(params)
     ratio = loader_over_train_step(results, params)
