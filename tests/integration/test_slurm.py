@@ -386,6 +386,7 @@ def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Work
     assert sorted(p.name for p in (work / "models").iterdir() if not p.name.startswith(".")) in (
         [],
         ["best.pt", "last.pt"],  # the commit's own outputs, restored from the cache
+        ["best.pt", "export", "last.pt"],  # ... with the exported model
     )
     assert not list((work / "models").glob(".*.tmp-*"))
 
