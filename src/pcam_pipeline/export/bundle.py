@@ -11,7 +11,6 @@ written byte for byte the same for the same files (sorted, no times, no owners).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import shutil
 import tarfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.export import runner
-from pcam_pipeline.export.build import CARD_JSON, CARD_MD, FP32_FILE
+from pcam_pipeline.export.build import CARD_JSON, CARD_MD, FP32_FILE, md5_bytes
 from pcam_pipeline.repro import atomic_path, read_json
 
 RUNNER_FILE = "pcam_runner.py"
@@ -69,7 +68,7 @@ def verified_files(export_dir: Path) -> dict[str, bytes]:
     for name, entry in card["files"].items():
         path = export_dir / name
         data = path.read_bytes() if path.is_file() else b""
-        if hashlib.md5(data).hexdigest() != entry["md5"]:
+        if md5_bytes(data) != entry["md5"]:
             raise PipelineError(
                 f"{path}: missing or not the file the model card names (md5 {entry['md5']}). "
                 f"Fix: restore the export (`dvc checkout {export_dir}`) or run `dvc repro export`"
