@@ -9,6 +9,8 @@
                                 needs (pytest, ruff, pre-commit, moto, actionlint, ...): what
                                 `make setup` installs. A test-tool bump changes only this file,
                                 so it retrains nothing.
+    requirements-serve.lock     the closure of the serve extra: everything `pcam serve` imports,
+                                what the serving image installs (no torch, no DVC).
     requirements-cu130.lock     the runtime lock with PyPI's CUDA 13.0 build of torch and the
                                 NVIDIA wheels it pulls (containers/build.sh, TORCH_VARIANT=cu130).
 
@@ -37,10 +39,16 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "requirements-runtime.lock"
 FULL = ROOT / "requirements.lock"
+SERVE = ROOT / "requirements-serve.lock"
 INCLUDE = "-r requirements-runtime.lock"
 HEADER_RUNTIME = (
     "# The runtime environment: the closure of pyproject.toml's [project] dependencies (what the\n"
     "# stages import and the images install). train/evaluate/benchmark depend on this file.\n"
+    "# Regenerate: see docs/development.md, 'Updating dependencies' (containers/lock.py split).\n"
+)
+HEADER_SERVE = (
+    "# The serving environment: the closure of pyproject.toml's serve extra (what `pcam serve`\n"
+    "# imports; the serving image installs it), at the versions of the other locks.\n"
     "# Regenerate: see docs/development.md, 'Updating dependencies' (containers/lock.py split).\n"
 )
 HEADER_FULL = (
@@ -118,7 +126,7 @@ def read_pins(path: Path) -> dict[str, str]:
     return found
 
 
-def expected(dists: dict) -> tuple[str, str]:
+def expected(dists: dict) -> tuple[str, str, str]:
     # A CUDA build's NVIDIA and compiler wheels are that build's (requirements-cu130.lock pins
     # them); the runtime and dev locks name only what every build of the same release shares.
     build_only = {n for n in closure([Requirement("torch")], dists) if CUDA_EXTRA.match(n)}
@@ -126,7 +134,8 @@ def expected(dists: dict) -> tuple[str, str]:
     everything = {
         n for n in dists if n not in ("pcam-pipeline", "pip", "setuptools", "wheel")
     } - build_only
-    dev = closure(project_requirements("dev"), dists) - runtime - build_only
+    serve = closure(project_requirements("serve"), dists) - build_only
+    dev = (closure(project_requirements("dev"), dists) | serve) - runtime - build_only
     stray = everything - runtime - dev
     if stray:
         raise SystemExit(
@@ -135,20 +144,21 @@ def expected(dists: dict) -> tuple[str, str]:
         )
     runtime_text = HEADER_RUNTIME + "\n".join(pins(runtime, dists)) + "\n"
     full_text = HEADER_FULL + INCLUDE + "\n" + "\n".join(pins(dev, dists)) + "\n"
-    return runtime_text, full_text
+    serve_text = HEADER_SERVE + "\n".join(pins(serve, dists)) + "\n"
+    return runtime_text, full_text, serve_text
 
 
 def cmd_split() -> None:
-    runtime_text, full_text = expected(installed())
-    RUNTIME.write_text(runtime_text)
-    FULL.write_text(full_text)
-    print(f"wrote {RUNTIME.name} ({runtime_text.count('==')} pins), {FULL.name}")
+    texts = expected(installed())
+    for path, text in zip((RUNTIME, FULL, SERVE), texts, strict=True):
+        path.write_text(text)
+    print(f"wrote {RUNTIME.name} ({texts[0].count('==')} pins), {FULL.name}, {SERVE.name}")
 
 
 def cmd_check() -> None:
-    runtime_text, full_text = expected(installed())
+    texts = expected(installed())
     problems = []
-    for path, text in ((RUNTIME, runtime_text), (FULL, full_text)):
+    for path, text in zip((RUNTIME, FULL, SERVE), texts, strict=True):
         if read_pins_text(path.read_text()) != read_pins_text(text):
             problems.append(f"{path.name} differs from what .venv holds (containers/lock.py split)")
     if problems:

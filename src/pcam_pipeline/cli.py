@@ -13,7 +13,7 @@ import yaml
 
 from pcam_pipeline import numerics
 from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.params import ParamsError, launched_params, load_params
+from pcam_pipeline.params import ParamsError, launched_params, load_params, overridden
 from pcam_pipeline.paths import EXPORT_DIR, PARAMS_FILE, RAW_DIR, RUNTIME_LOCK
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted
 
@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bundle.add_argument("dir", type=Path, help="the bundle directory to write")
     bundle.add_argument("--export-dir", type=Path, default=EXPORT_DIR, help="[models/export]")
+    serve = commands.add_parser(
+        "serve", help="the exported model over HTTP: Open Inference Protocol, a page, /metrics"
+    )
+    serve.add_argument("--host", help="[serve.host]; beyond loopback a token is required")
+    serve.add_argument("--port", type=int, help="[serve.port]")
+    serve.add_argument("--precision", choices=["fp32", "int8"], help="[serve.precision]")
+    serve.add_argument("--export-dir", type=Path, default=EXPORT_DIR, help="[models/export]")
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads [one a core]")
+    serve.add_argument("--token-file", type=Path, help="bearer token file [else $PCAM_SERVE_TOKEN]")
     report = commands.add_parser(
         "report", help="compare against a base revision offline: reports/compare/report.md"
     )
@@ -149,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             from pcam_pipeline.export import bundle
 
             bundle.main(args.export_dir, args.dir, RUNTIME_LOCK)
+            return 0
+        if args.command == "serve":
+            from pcam_pipeline.serve import server
+
+            chosen = {k: getattr(args, k) for k in ("host", "port", "precision")}
+            settings = overridden(load_params(args.params).serve, chosen, "pcam serve's options")
+            server.main(
+                settings,
+                server.ServeOptions(args.export_dir, args.device, args.threads, args.token_file),
+            )
             return 0
         if args.command == "report":
             from pcam_pipeline.review import report

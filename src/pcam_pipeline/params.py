@@ -236,6 +236,17 @@ class ExportBenchParams(_Section):
     rounds: int = Field(gt=0)  # each round times every engine once; the median is kept
 
 
+class ServeParams(_Section):
+    # `pcam serve`: binding beyond loopback needs a bearer token (docs/serving.md)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    precision: Literal["fp32", "int8"]  # which exported ONNX file is served
+    max_batch_size: int = Field(gt=0)  # concurrent requests are batched up to this many patches
+    max_queue_delay_us: int = Field(ge=0)  # how long a batch waits to fill once a request is in
+    max_patches: int = Field(gt=0)  # per request
+    max_body_mb: float = Field(gt=0)  # per request; larger bodies are refused unread
+
+
 class Params(_Section):
     cpu: CpuParams
     fetch: FetchParams
@@ -247,6 +258,7 @@ class Params(_Section):
     benchmark: BenchmarkParams
     export: ExportParams
     export_bench: ExportBenchParams
+    serve: ServeParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -291,6 +303,16 @@ def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         lines = [f"  {_describe(err, Params)}" for err in exc.errors()]
+        raise ParamsError(f"{source} is not valid:\n" + "\n".join(lines)) from None
+
+
+def overridden(section: BaseModel, options: Mapping[str, Any], source: str) -> Any:
+    """A params section with command-line options over it, validated as the file is."""
+    chosen = {key: value for key, value in options.items() if value is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **chosen})
+    except ValidationError as exc:
+        lines = [f"  {_describe(err, type(section))}" for err in exc.errors()]
         raise ParamsError(f"{source} is not valid:\n" + "\n".join(lines)) from None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 PATCH = (96, 96, 3)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "TIFF")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 BATCH = 256
 
@@ -36,22 +38,47 @@ class BadInput(Exception):
     """An input the runner cannot score; the message names it and the fix."""
 
 
-def read_image(path: Path) -> np.ndarray:
+def decode_patch(data: bytes, name: str) -> np.ndarray:
+    """One 96x96 8-bit RGB(A) PNG or TIFF as uint8 (96, 96, 3), alpha dropped as `pcam predict`
+    drops it. The header is checked before any pixel is decoded, so an image of other dimensions
+    (a decompression bomb among them) is refused unread; `pcam serve` decodes uploads with it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+            if (height, width) != PATCH[:2]:
+                raise BadInput(f"{name}: {width}x{height} pixels, expected 96x96 (a PCAM patch)")
+            if image.mode not in ("RGB", "RGBA") or any("16" in raw_mode(t) for t in image.tile):
+                depth = "16-bit " if image.mode in ("RGB", "RGBA") else ""
+                raise BadInput(f"{name}: mode {depth}{image.mode}, expected an 8-bit RGB(A) patch")
             image.load()
-            if image.mode not in ("RGB", "RGBA"):
-                raise BadInput(f"{path}: mode {image.mode}, expected an 8-bit RGB(A) patch")
-            pixels = np.asarray(image)[..., :3]  # alpha dropped, as `pcam predict` does
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            pixels = np.asarray(image)[..., :3]
+    except Image.DecompressionBombError as exc:
+        raise BadInput(f"{name}: {exc}; expected 96x96 pixels (a PCAM patch)") from None
+    except UnidentifiedImageError:
         raise BadInput(
-            f"{path}: not a readable image ({exc}); give 96x96 RGB PNG or TIFF"
+            f"{name}: not a readable image (neither PNG nor TIFF); give 96x96 RGB PNG or TIFF"
         ) from None
-    if pixels.shape != PATCH:
-        raise BadInput(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels, expected 96x96")
-    return pixels
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadInput(
+            f"{name}: not a readable image ({exc}); give 96x96 RGB PNG or TIFF"
+        ) from None
+    return np.ascontiguousarray(pixels, dtype=np.uint8)
+
+
+def raw_mode(tile: object) -> str:
+    """The raw pixel layout of one tile of an opened image ("RGB", "RGB;16B", ...)."""
+    args = getattr(tile, "args", None)
+    return args if isinstance(args, str) else str(args[0] if args else "")
+
+
+def read_image(path: Path) -> np.ndarray:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot be read ({exc.strerror})") from None
+    return decode_patch(data, str(path))
 
 
 def hdf5_blocks(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
