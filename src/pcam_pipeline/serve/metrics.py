@@ -69,8 +69,9 @@ class ServeMetrics:
             "pcam_input_blank_fraction", "Per request: fraction of patches with under 10% tissue",
             buckets=FRACTION_BUCKETS, registry=r,
         )  # fmt: skip
+        shown = ("name", "version", "precision", "md5", "commit")
         Info("pcam_model", "The model served", registry=r).info(
-            {key: str(identity.get(key)) for key in ("name", "precision", "md5", "commit")}
+            {key: str(identity.get(key)) for key in shown}
         )
 
     def observe_inputs(self, patches: np.ndarray) -> None:

@@ -127,6 +127,7 @@ def load_model(export_dir: Path, precision: str, device: str, threads: int) -> S
         "architecture": card["model"]["architecture"],
         "file": ONNX_FILES[precision],
         "precision": precision,
+        "version": actual[:12],
         "md5": actual,
         "checkpoint_md5": card["model"].get("checkpoint_md5"),
         "export_md5": export_lock_md5(export_dir),
