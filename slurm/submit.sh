@@ -5,6 +5,7 @@
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] sweep GRID_FILE
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] benchmark
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] search STUDY_FILE [--array=0-7 ...]   (one worker a task)
+#   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] serve [PCAM_SERVE_OPTIONS...]   (--precision int8, ...)
 #
 # e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`;
 # a course account: `slurm/submit.sh --site snellius-course -p thin_course repro` (SITE: a name in
@@ -17,7 +18,9 @@
 # PCAM_STAGE_DATA=1 also asks for nodes with local NVMe (PCAM_STAGE_CONSTRAINT). A partition that
 # is listed in PCAM_CPU_PARTITION_CPUS (PARTITION:CPUS,...) gets no GPU and those cores. With
 # PCAM_SIGNAL_LEAD=PERCENT:FLOOR:CAP (and no SBATCH_SIGNAL), the time-limit signal comes PERCENT of
-# the time limit before it, at least FLOOR and at most CAP seconds. Prints the job id.
+# the time limit before it, at least FLOOR and at most CAP seconds. A serve job takes its own
+# shares, not the training jobs': PCAM_SERVE_PARTITION, PCAM_SERVE_CPUS, PCAM_SERVE_MEM, and a GPU
+# only when asked for (--gpus=N, or PCAM_SERVE_GPUS). Prints the job id.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -28,7 +31,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -96,7 +99,7 @@ signal_lead() {
 sbatch_opts=()
 while (($#)); do
     case $1 in
-        repro | sweep | benchmark | search) break ;;
+        repro | sweep | benchmark | search | serve) break ;;
         -h | --help) usage ;;
         --site)
             [[ -n ${2:-} ]] || die "--site needs a site name (slurm/sites/) or a site file."
@@ -154,9 +157,42 @@ case $what in
         set -- "$study"
         ;;
     benchmark) (($# == 0)) || die "benchmark takes no arguments (choose the partition with -p PARTITION)." ;;
+    serve)
+        # The job chooses these (a per-job token file, the node's address, a free port).
+        for o in "$@"; do
+            case $o in
+                --host | --host=* | --port | --port=* | --token-file | --token-file=*)
+                    die "serve: the job sets ${o%%=*} itself (the node's address, a free port, a per-job token file); set PCAM_SERVE_HOST or PCAM_SERVE_PORT to choose the address or port."
+                    ;;
+            esac
+        done
+        ;;
 esac
 if [[ -n $(git -C "$repo" status --porcelain --untracked-files=no) ]]; then
     echo "submit.sh: warning: uncommitted changes in tracked files; the $what job runs the last commit (HEAD), in a clone of its own." >&2
+fi
+
+# A server is no training job: the site's training shares (a GPU, CPUs per GPU, 60G) are not its.
+# Its partition is PCAM_SERVE_PARTITION (site file or environment; else the site's), its cores
+# PCAM_SERVE_CPUS and memory PCAM_SERVE_MEM (else serve.sbatch's #SBATCH lines), and it gets a GPU
+# only when asked: a --gpus/--gres option, or PCAM_SERVE_GPUS=N.
+serve_gpus=0
+if [[ $what == serve ]]; then
+    unset SBATCH_GPUS SBATCH_CPUS_PER_GPU SBATCH_MEM_PER_NODE
+    if [[ -n ${PCAM_SERVE_PARTITION:-} ]]; then export SBATCH_PARTITION=$PCAM_SERVE_PARTITION; fi
+    if [[ -n ${PCAM_SERVE_MEM:-} ]]; then export SBATCH_MEM_PER_NODE=$PCAM_SERVE_MEM; fi
+    serve_cpus=0
+    for o in "${sbatch_opts[@]}"; do
+        case $o in
+            -G* | --gpus* | --gres=*gpu* | --gres) serve_gpus=1 ;; # --gpus-per-node, ... too
+            -c* | --cpus-per-task*) serve_cpus=1 ;;
+        esac
+    done
+    if ((!serve_gpus)) && [[ ${PCAM_SERVE_GPUS:-0} != 0 ]]; then
+        export SBATCH_GPUS=$PCAM_SERVE_GPUS
+        serve_gpus=1
+    fi
+    if ((!serve_cpus)) && [[ -n ${PCAM_SERVE_CPUS:-} ]]; then sbatch_opts+=("--cpus-per-task=$PCAM_SERVE_CPUS"); fi
 fi
 
 # The partition the job goes to: the last -p/--partition option, else SBATCH_PARTITION.
@@ -183,7 +219,7 @@ done
 if ((gpus_per_node)); then unset SBATCH_GPUS; fi
 # CPUs per GPU follow the partition's nodes (site.env: PCAM_CPUS_PER_GPU=gpu_a100:18,gpu_h100:16),
 # unless given as an option, in the environment or in a site file.
-if ((!have_cpus)) && [[ -z ${SBATCH_CPUS_PER_GPU:-} && -n $partition ]]; then
+if [[ $what != serve ]] && ((!have_cpus)) && [[ -z ${SBATCH_CPUS_PER_GPU:-} && -n $partition ]]; then
     IFS=, read -ra table <<<"${PCAM_CPUS_PER_GPU:-}"
     for entry in "${table[@]}"; do
         [[ $entry == *:* ]] || die "PCAM_CPUS_PER_GPU entry '$entry' is not PARTITION:CPUS (e.g. gpu_h100:16)."
@@ -196,6 +232,7 @@ fi
 # the job as "Requested node configuration is not available": 1 here is a harmless stand-in).
 # Other partitions keep the GPU settings above.
 IFS=, read -ra table <<<"${PCAM_CPU_PARTITION_CPUS:-}"
+if [[ $what == serve ]]; then table=(); fi # serve asks for its cores itself (above)
 for entry in "${table[@]}"; do
     [[ $entry == *:* ]] || die "PCAM_CPU_PARTITION_CPUS entry '$entry' is not PARTITION:CPUS (e.g. thin_course:8)."
     if [[ -n $partition && ${entry%%:*} == "$partition" ]]; then
@@ -203,6 +240,16 @@ for entry in "${table[@]}"; do
         sbatch_opts+=("--mincpus=${entry#*:}")
     fi
 done
+# A GPU partition takes jobs with a GPU; a server without one belongs on a CPU partition.
+if [[ $what == serve ]] && ((!serve_gpus)); then
+    IFS=, read -ra patterns <<<"${PCAM_GPU_PARTITIONS:-gpu_*}"
+    for pattern in "${patterns[@]}"; do
+        # shellcheck disable=SC2053  # a glob pattern on purpose
+        if [[ -n $pattern && $partition == $pattern ]]; then
+            die "serve: '$partition' is a GPU partition and a serve job asks for no GPU (the model serves on CPU cores). Choose a CPU partition: -p PARTITION (Snellius: rome or genoa), or PCAM_SERVE_PARTITION=PARTITION in your site file; or ask for a GPU: --gpus=1 or PCAM_SERVE_GPUS=1 (ONNX Runtime uses it only with its CUDA provider, onnxruntime-gpu)."
+        fi
+    done
+fi
 # The time-limit signal's lead from the limit (an option, SBATCH_TIMELIMIT, else the script's own).
 if [[ -n ${PCAM_SIGNAL_LEAD:-} && -z ${SBATCH_SIGNAL:-} ]] && ((!have_signal)); then
     [[ -n $time_limit ]] || time_limit=$(sed -n 's/^#SBATCH --time=//p' "$script" | head -n 1)
@@ -213,7 +260,7 @@ if [[ -n ${PCAM_SIGNAL_LEAD:-} && -z ${SBATCH_SIGNAL:-} ]] && ((!have_signal)); 
     echo "submit.sh: the time-limit signal (SIGUSR1) comes ${lead} s before the ${time_limit} limit (PCAM_SIGNAL_LEAD=$PCAM_SIGNAL_LEAD)." >&2
 fi
 # Node-local NVMe for PCAM_STAGE_DATA=1 (Snellius: --constraint=scratch-node; $TMPDIR is on it).
-if [[ ${PCAM_STAGE_DATA:-0} == 1 && -n ${PCAM_STAGE_CONSTRAINT:-} ]] && ((!have_constraint)) && [[ -z ${SBATCH_CONSTRAINT:-} ]]; then
+if [[ $what != serve && ${PCAM_STAGE_DATA:-0} == 1 && -n ${PCAM_STAGE_CONSTRAINT:-} ]] && ((!have_constraint)) && [[ -z ${SBATCH_CONSTRAINT:-} ]]; then
     sbatch_opts+=("--constraint=$PCAM_STAGE_CONSTRAINT")
 fi
 
@@ -224,3 +271,6 @@ jobid=$(sbatch --parsable "${sbatch_opts[@]}" "$script" "$@") || die "sbatch fai
 jobid=${jobid%%;*}
 echo "$jobid"
 echo "submit.sh: submitted $what as job $jobid (commit ${PCAM_COMMIT:0:12}); log in $repo/logs/; follow with: squeue -j $jobid; afterwards: sacct -j $jobid" >&2
+if [[ $what == serve ]]; then
+    echo "submit.sh: once the server is up, the job's log has the SSH tunnel to run on your machine, the URL and the token file; stop it with: scancel $jobid" >&2
+fi

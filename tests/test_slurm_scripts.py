@@ -30,6 +30,7 @@ SCRIPTS = [
     "sweep.sbatch",
     "benchmark.sbatch",
     "search.sbatch",
+    "serve.sbatch",
 ]
 # site.env keys (sbatch input variables) and the #SBATCH option each stands for.
 OPTION_OF = {
@@ -614,3 +615,85 @@ def test_an_unknown_site_name_lists_the_known_ones(submit_env):
     assert result.returncode == 1 and "snellius-course" in result.stderr
     bad = submit(repo, env, "--site=snellius-course", "--time=soon", "repro", check=False)
     assert bad.returncode == 1 and "'soon' is not a Slurm time" in bad.stderr
+
+
+# --- serve: a server's own shares, no requeue ---------------------------------------------------
+
+
+def test_serve_sbatch_asks_for_no_gpu_and_never_requeues():
+    """A server is no training job: CPU cores and a little memory, no GPU unless asked for, and
+    no requeue (a requeued server would come back on another node, port and token)."""
+    lines = sbatch_lines("serve.sbatch")
+    assert "gpus" not in lines and "cpus-per-gpu" not in lines and "requeue" not in lines
+    assert "no-requeue" in lines
+    assert lines["cpus-per-task"] and lines["mem"] and lines["time"]
+    assert lines["output"] == "logs/%x-%j.out"
+    text = (SLURM / "serve.sbatch").read_text()
+    # site.env's --signal=B:USR1@... reaches it too: USR1 must not kill the batch shell.
+    assert re.search(r"^trap .*USR1$", text, re.MULTILINE)
+    # The token never appears on a command line (ps shows those): a file, mode 600.
+    assert "--token-file" in text and "0o600" in text and "PCAM_SERVE_TOKEN=" not in text
+
+
+def test_serve_takes_its_own_shares_not_the_training_ones(submit_env):
+    repo, env = submit_env
+    serve_env = {**env, "PCAM_SERVE_PARTITION": "rome", "PCAM_SERVE_CPUS": "8"}
+    result = submit(repo, serve_env, "serve", "--precision", "int8")
+    assert result.stdout.strip() == "4242"
+    assert "the job's log has the SSH tunnel" in result.stderr
+    call = recorded(env)
+    script = str(repo.resolve() / "slurm/serve.sbatch")
+    assert call["argv"] == ["--parsable", "--cpus-per-task=8", script, "--precision", "int8"]
+    assert call["env"]["SBATCH_PARTITION"] == "rome"
+    for training_share in ("SBATCH_GPUS", "SBATCH_CPUS_PER_GPU", "SBATCH_MEM_PER_NODE"):
+        assert training_share not in call["env"]  # serve.sbatch's own #SBATCH lines apply
+    assert call["env"]["SBATCH_SIGNAL"] == site_defaults()["SBATCH_SIGNAL"]  # trapped: a note
+    assert call["env"]["PCAM_COMMIT"]
+    submit(repo, {**serve_env, "PCAM_SERVE_MEM": "4G", "PCAM_STAGE_DATA": "1"}, "-c", "2", "serve")
+    call = recorded(env)
+    assert call["argv"] == ["--parsable", "-c", "2", script]  # no staging constraint
+    assert call["env"]["SBATCH_MEM_PER_NODE"] == "4G"
+
+
+def test_serve_gets_a_gpu_only_when_asked(submit_env):
+    """site.env sends a server to the CPU partition rome; on a GPU partition (gpu_a100, the
+    training jobs' default) a server without a GPU is refused with the fix, and gets one only
+    from an option or PCAM_SERVE_GPUS."""
+    repo, env = submit_env
+    on_gpus = {**env, "PCAM_SERVE_PARTITION": ""}  # empty: the site's partition, gpu_a100
+    refused = submit(repo, on_gpus, "serve", check=False)
+    assert refused.returncode == 1
+    assert "'gpu_a100' is a GPU partition and a serve job asks for no GPU" in refused.stderr
+    assert "PCAM_SERVE_PARTITION" in refused.stderr and "--gpus=1" in refused.stderr
+    assert not Path(env["FAKE_SBATCH_LOG"]).exists()
+    submit(repo, env, "serve")
+    call = recorded(env)
+    assert call["env"]["SBATCH_PARTITION"] == "rome" and "SBATCH_GPUS" not in call["env"]
+    submit(repo, env, "-p", "genoa", "serve")  # a CPU partition on the command line
+    call = recorded(env)
+    assert call["argv"][:3] == ["--parsable", "-p", "genoa"] and "SBATCH_GPUS" not in call["env"]
+    submit(repo, env, "--gpus=1", "serve")
+    call = recorded(env)
+    assert "--gpus=1" in call["argv"]
+    assert "SBATCH_GPUS" not in call["env"] and "SBATCH_CPUS_PER_GPU" not in call["env"]
+    submit(repo, {**env, "PCAM_SERVE_GPUS": "1"}, "serve")
+    assert recorded(env)["env"]["SBATCH_GPUS"] == "1"
+
+
+def test_serve_on_the_course_profile_keeps_its_limit_and_signal_lead(submit_env):
+    repo, env = submit_env
+    result = submit(repo, env, "--site", "snellius-course", "-p", "thin_course", "serve")
+    call = recorded(env)
+    assert not any(a.startswith("--mincpus") for a in call["argv"])  # the cores: serve.sbatch's
+    assert "SBATCH_GPUS" not in call["env"] and "SBATCH_MEM_PER_NODE" not in call["env"]
+    assert call["env"]["SBATCH_TIMELIMIT"] == "01:00:00"
+    assert call["env"]["SBATCH_SIGNAL"] == "B:USR1@360" and "comes 360 s before" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--port", "--port=9000", "--host=0.0.0.0", "--token-file"])
+def test_serve_refuses_the_options_the_job_sets(submit_env, option: str):
+    repo, env = submit_env
+    result = submit(repo, {**env, "PCAM_SERVE_PARTITION": "rome"}, "serve", option, check=False)
+    assert result.returncode == 1
+    assert f"the job sets {option.split('=')[0]} itself" in result.stderr
+    assert not Path(env["FAKE_SBATCH_LOG"]).exists()

@@ -38,6 +38,7 @@ SBATCH_PARTITION=ci
 SBATCH_CPUS_PER_GPU=1
 SBATCH_MEM_PER_NODE=1000M
 SBATCH_TIMELIMIT=00:20:00
+PCAM_SERVE_PARTITION=ci
 """
 
 GIT_ID = ["-c", "user.name=pcam tests", "-c", "user.email=tests@pcam.invalid"]

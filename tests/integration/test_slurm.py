@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -457,3 +460,72 @@ def test_course_benchmarks_on_both_partitions_make_the_throughput_table(
     # The workspace itself was not touched: the stages ran in clones.
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ws.path).stdout == ""
     assert not any((ws.path / ".pcam-work").glob("*"))
+
+
+def http_get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    """GET straight to URL (never through a proxy): the status and the body."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with opener.open(request, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read()
+
+
+TUNNEL = r"^tunnel: +ssh -N -L 8080:(?P<host>\S+):(?P<port>\d+) (?P<user>\S+)@(?P<login>\S+)$"
+
+
+def test_serve_job_prints_its_tunnel_answers_with_its_token_and_drains_on_scancel(
+    workspace: Workspace, pipeline_repo: Path
+):
+    """`slurm/submit.sh serve`: the submitted commit's exported model served by `pcam serve` on
+    the node, on the node's address and a free port, with a per-job token in a mode-600 file
+    beside the log, and the SSH tunnel printed once the server is ready. `scancel` (SIGTERM)
+    drains it: the server exits 0 and the job ends. On this one-node cluster the node is
+    localhost, so the printed host:port is reached directly, as the login node would."""
+    ws = workspace
+    commit = run(["git", "rev-parse", "HEAD"], cwd=ws.path).stdout.strip()
+    job = ws.submit(
+        "serve",
+        PCAM_SERVE_CPUS="1",
+        PCAM_SERVE_MEM="1000M",
+        PCAM_LOGIN_HOST="login.cluster.invalid",  # a site-file key; here from the environment
+    )
+    log_path = ws.log(f"pcam-serve-{job}.out")
+    tunnel = re.match(TUNNEL, wait_for_line(log_path, TUNNEL, 300, ws.cluster, job))
+    assert tunnel, log_path.read_text()
+    log = log_path.read_text()
+    assert tunnel["login"] == "login.cluster.invalid", log
+    assert "open:    http://localhost:8080/" in log and f"stop:    scancel {job}" in log
+    token_line = re.search(r"^token: +(\S+)", log, re.MULTILINE)
+    assert token_line, log
+    token_file = Path(token_line[1])
+    assert token_file == ws.path.resolve() / "logs" / f"pcam-serve-{job}.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) >= 16 and token not in log
+
+    base = f"http://{tunnel['host']}:{tunnel['port']}"
+    assert http_get(f"{base}/v2/health/ready")[0] == 200  # no token needed
+    status, body = http_get(f"{base}/v2/models/pcam", token)
+    assert status == 200, body
+    identity = json.loads(body)["parameters"]
+    card = read_json(pipeline_repo / "models" / "export" / "model_card.json")
+    assert identity["md5"] == card["files"]["model.onnx"]["md5"]  # the submitted commit's export
+    assert identity["commit"] == commit
+    assert http_get(f"{base}/v2/models/pcam")[0] == 401
+    assert http_get(f"{base}/v2/models/pcam", "not-the-token-of-this-job")[0] == 403
+
+    run(["scancel", job], env=ws.cluster.env)
+    record = ws.cluster.wait(job, timeout=120, log=log_path)
+    log = log_path.read_text()
+    assert record.state in ("CANCELLED", "COMPLETED"), log
+    assert "SIGTERM (scancel or the time limit): stopping the server" in log
+    assert "pcam serve exited with status 0" in log
+    assert not token_file.exists(), "the token goes with the job"
+    assert not (ws.path / ".pcam-work" / f"serve-{job}").exists()
+    with pytest.raises(urllib.error.URLError):  # nothing listens there any more
+        http_get(f"{base}/v2/health/ready")
