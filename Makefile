@@ -12,7 +12,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: setup run test test-fast lint image sif s3-up s3-down slurm-up slurm-down clean-venv \
 	lock lock-check image-plan image-repro-check image-push apptainer-install sif-registry sif-push \
 	workflow-lint ci-test ci-runner-disk coverage pr-report pr-comment data-check data-report \
-	data-comment
+	data-comment model-get
 
 # Image variant (cpu | cu130 | ...): which lock the image installs (containers/build.sh).
 TORCH_VARIANT ?= cpu
@@ -57,6 +57,12 @@ pr-report:  ## pcam report $$PCAM_REPORT_BASE: params, metrics, plots offline in
 
 pr-comment:  ## post that report on the pull request: one comment, edited on later pushes (gh)
 	scripts/pr-comment.sh $(PCAM_REPORT_FILE)
+
+# The registry workflow (.github/workflows/registry.yml): a GTO tag of the model fetched and checked.
+PCAM_MODEL_TAG ?=
+model-get: $(STAMP)  ## pcam model-get $$PCAM_MODEL_TAG: checkpoint + export into build/model, md5-checked
+	@test -n "$(PCAM_MODEL_TAG)" || { echo "make model-get: set PCAM_MODEL_TAG (e.g. pcam-classifier@v1.2.0)" >&2; exit 2; }
+	pcam model-get '$(PCAM_MODEL_TAG)' --out build/model
 
 # The data-change workflow (.github/workflows/data.yml): validate and preprocess again, then the
 # dataset against the base as a comment of its own. With S3 credentials the pinned raw data is

@@ -22,6 +22,9 @@
 #   TORCH_VARIANT       cpu | cu130 | ... [cpu]; PCAM_IMAGE [pcam-pipeline:$TORCH_VARIANT]
 #   PCAM_REGISTRY       where images go [ghcr.io/<GITHUB_REPOSITORY_OWNER, lower case>]
 #   PCAM_COMMIT_SHA     the commit the tags name [$GITHUB_SHA, else git rev-parse HEAD]
+#   PCAM_MODEL_RECORD   the registry.json of `pcam model-get` (the registry workflow): the serving
+#                       image is tagged serve-model-<version> (and serve-model-<stage>) instead of
+#                       by the release tag
 #   PCAM_VERSION_TAG    the release tag [$GITHUB_REF_NAME when GITHUB_REF_TYPE=tag, else the tag
 #                       pointing at HEAD, if any]; a vX.Y.Z tag must match pyproject's version
 #   PCAM_ENGINE         docker | podman [docker when its daemon answers, else podman]
@@ -114,12 +117,30 @@ version_tag() {
     echo "$version"
 }
 
+# The serving image of a registered model (PCAM_MODEL_RECORD: the registry.json `pcam model-get`
+# writes): tagged with the model's version and, for a stage assignment, the stage.
+model_tags() {
+    [[ -n "${PCAM_MODEL_RECORD:-}" ]] || return 0
+    [[ -f "$PCAM_MODEL_RECORD" ]] || die "PCAM_MODEL_RECORD=$PCAM_MODEL_RECORD not found: run make model-get first"
+    python3 -c 'import json, sys
+record = json.load(open(sys.argv[1]))
+for key in ("version", "stage"):
+    if record.get(key):
+        print("model-" + record[key])' "$PCAM_MODEL_RECORD"
+}
+
 # image_tags / sif_tags: one tag per line, commit first.
 image_tags() {
-    local sha version
+    local sha version tag
     sha="$(commit_sha)"
-    version="$(version_tag)"
     echo "$TORCH_VARIANT-${sha:0:12}"
+    if [[ -n "${PCAM_MODEL_RECORD:-}" ]]; then
+        local model
+        model="$(model_tags)" # a failure stops here: a `for ... in $(...)` would swallow it
+        for tag in $model; do echo "$TORCH_VARIANT-$tag"; done
+        return 0
+    fi
+    version="$(version_tag)"
     [[ -z "$version" ]] || echo "$TORCH_VARIANT-$version"
 }
 

