@@ -17,10 +17,16 @@
 #   PCAM_IMAGE           image name [pcam-pipeline:$TORCH_VARIANT]
 #   BASE_IMAGE           base image [docker.io/library/python:3.11-slim-bookworm]; any Debian
 #                        bookworm image with or without Python 3.11 works (`base` makes one)
-#   TORCH_VARIANT        cpu | cu130 | cu126 | ... [cpu]: the torch build; each installs exactly
-#                        one lock file: cpu requirements-runtime.lock, cuXXX requirements-cuXXX.lock
-#                        (cu130: PyPI's torch wheel, CUDA 13.0, NVIDIA driver >= 580; other cuXXX:
-#                        make the lock first with `make lock-cuXXX`, see docs/containers.md)
+#   TORCH_VARIANT        cpu | cu130 | cu126 | ... | serve [cpu]: the torch build; each installs
+#                        exactly one lock file: cpu requirements-runtime.lock, cuXXX
+#                        requirements-cuXXX.lock (cu130: PyPI's torch wheel, CUDA 13.0, NVIDIA
+#                        driver >= 580; other cuXXX: make the lock first with `make lock-cuXXX`, see
+#                        docs/containers.md). serve: the serving image instead (the Dockerfile's
+#                        `serve` target: requirements-serve.lock, no torch, no DVC, `pcam serve` of
+#                        the exported model baked in; docs/containers.md, 'The serving image')
+#   PCAM_EXPORT_DIR      serve: the exported model baked into the image [models/export]
+#   PCAM_MODEL_COMMIT    serve: the commit `pcam serve` reports [HEAD of the repository holding
+#                        PCAM_EXPORT_DIR, `-dirty` if its dvc.lock, params.yaml or src/ changed]
 #   TORCH_INDEX_URL      auto | pypi | none | URL [cpu and cu12x: auto =
 #                        https://download.pytorch.org/whl/$TORCH_VARIANT; cu130: pypi = PyPI;
 #                        none = take torch from the pip configuration like any other package]
@@ -31,8 +37,9 @@
 #                        configuration names any of them. cpu: sets TORCH_INDEX_URL=none unless
 #                        given (the CPU torch wheel from the wheel folder); CUDA variants leave the
 #                        wheel folders out (a local +cpu wheel would outrank PyPI's CUDA build).
-#   PCAM_ARCHIVE         docker-archive path [build/pcam-pipeline.tar] (apptainer.def names it)
-#   PCAM_SIF             SIF path [pcam.sif]
+#   PCAM_ARCHIVE         docker-archive path [build/pcam-pipeline.tar] (apptainer.def names it;
+#                        serve: build/pcam-pipeline-serve.tar)
+#   PCAM_SIF             SIF path [pcam.sif; serve: pcam-serve.sif]
 #   PCAM_BUILD_ARGS      extra arguments for `docker/podman build` (word-split)
 #   DEBIAN_MIRROR        mirror for `base` [the first bookworm mirror in /etc/apt/sources.list*]
 #   PCAM_BASE_IMAGE_NAME name `base` gives its image [localhost/debian:bookworm]
@@ -45,8 +52,14 @@ TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
 PCAM_PLATFORM="${PCAM_PLATFORM:-linux/amd64}"
 PCAM_IMAGE="${PCAM_IMAGE:-pcam-pipeline:${TORCH_VARIANT}}"
 BASE_IMAGE="${BASE_IMAGE:-docker.io/library/python:3.11-slim-bookworm}"
-PCAM_ARCHIVE="${PCAM_ARCHIVE:-build/pcam-pipeline.tar}"
-PCAM_SIF="${PCAM_SIF:-pcam.sif}"
+if [[ "$TORCH_VARIANT" == serve ]]; then
+    PCAM_ARCHIVE="${PCAM_ARCHIVE:-build/pcam-pipeline-serve.tar}"
+    PCAM_SIF="${PCAM_SIF:-pcam-serve.sif}"
+else
+    PCAM_ARCHIVE="${PCAM_ARCHIVE:-build/pcam-pipeline.tar}"
+    PCAM_SIF="${PCAM_SIF:-pcam.sif}"
+fi
+PCAM_EXPORT_DIR="${PCAM_EXPORT_DIR:-models/export}"
 PCAM_BASE_IMAGE_NAME="${PCAM_BASE_IMAGE_NAME:-localhost/debian:bookworm}"
 # podman on hosts like CI (hybrid cgroups): crun fails there, runc works; chroot isolation needs no
 # nested namespaces. Both are harmless elsewhere.
@@ -66,7 +79,8 @@ variant_lock() {
     case "$1" in
         cpu) echo requirements-runtime.lock ;;
         cu[0-9]*) echo "requirements-$1.lock" ;;
-        *) die "TORCH_VARIANT='$1' is not supported: use cpu, cu130 or another cuXXX with a lock file (docs/containers.md)" ;;
+        serve) echo requirements-serve.lock ;;
+        *) die "TORCH_VARIANT='$1' is not supported: use cpu, cu130 or another cuXXX with a lock file, or serve (docs/containers.md)" ;;
     esac
 }
 variant_index() {
@@ -79,7 +93,7 @@ variant_index() {
 # R580 driver branch, 12.x R525): what the Slurm wrappers check on the node before training.
 variant_min_driver() {
     case "$1" in
-        cpu) echo "" ;;
+        cpu | serve) echo "" ;;
         cu13*) echo 580 ;;
         cu12*) echo 525.60.13 ;;
         cu11*) echo 450.80.02 ;;
@@ -174,7 +188,7 @@ prepare_host_pip() {
                 cert=/run/pcam-build/ca.crt
                 ;;
             links)
-                if [[ "$TORCH_VARIANT" != cpu ]]; then
+                if [[ "$TORCH_VARIANT" != cpu && "$TORCH_VARIANT" != serve ]]; then
                     note "leaving the wheel folder $value out of the $TORCH_VARIANT build (a local +cpu torch would outrank PyPI's CUDA build)"
                     continue
                 fi
@@ -241,12 +255,104 @@ git_commit() {
     echo "$rev"
 }
 
+# The commit the serving image's model was made at (`pcam serve` reports it): the HEAD of the
+# repository holding PCAM_EXPORT_DIR, `-dirty` if what the export depends on changed there. Empty
+# when unknown (no git repository).
+model_commit() {
+    if [[ -n "${PCAM_MODEL_COMMIT:-}" ]]; then
+        echo "$PCAM_MODEL_COMMIT"
+        return 0
+    fi
+    local top rev
+    top="$(git -C "$PCAM_EXPORT_DIR" rev-parse --show-toplevel 2>/dev/null || true)"
+    [[ -n "$top" ]] || return 0
+    rev="$(git -C "$top" rev-parse --verify --quiet HEAD 2>/dev/null || true)"
+    [[ -n "$rev" ]] || return 0
+    if [[ -n "$(git -C "$top" status --porcelain -- dvc.lock params.yaml src 2>/dev/null)" ]]; then
+        rev="$rev-dirty"
+    fi
+    echo "$rev"
+}
+
 # --- subcommands -------------------------------------------------------------------------------
-# build_args: fills BUILD_ARGS (everything after `docker/podman`), BUILD_TMP (a folder to remove
-# afterwards) and prints the plan on stderr. Needs ENGINE.
+# build_args: fills BUILD_ARGS (everything after `docker/podman`), BUILD_TMP and SERVE_CONTEXT
+# (folders to remove afterwards: cleanup_build) and prints the plan on stderr. Needs ENGINE.
 BUILD_ARGS=()
 BUILD_TMP=""
+SERVE_CONTEXT=""
+cleanup_build() {
+    [[ -z "$BUILD_TMP" ]] || rm -rf "$BUILD_TMP"
+    [[ -z "$SERVE_CONTEXT" ]] || rm -rf "$SERVE_CONTEXT"
+}
+
+# podman only: bind this machine's pip settings into the build's RUN steps (prepare_host_pip).
+# Returns 1 when nothing was bound.
+bind_host_pip() {
+    local from_host="${PCAM_PIP_FROM_HOST:-auto}"
+    if [[ "$from_host" != 0 ]] && prepare_host_pip; then
+        BUILD_TMP="$PIP_DIR"
+        BUILD_ARGS+=("${PIP_VOLUMES[@]}" --build-arg PIP_CONFIG_FILE=/run/pcam-build/pip.conf)
+        note "binding this machine's pip settings into the build (not into the image):"
+        sed 's/^/    /' "$BUILD_TMP/pip.conf" >&2
+        return 0
+    elif [[ "$from_host" == 1 ]]; then
+        die "PCAM_PIP_FROM_HOST=1 but 'python3 -m pip config list' names no cert, find-links or index"
+    fi
+    return 1
+}
+
+# The serving image (TORCH_VARIANT=serve): the Dockerfile's `serve` target, built from a context
+# of its own holding exactly what it copies (the repository root's .dockerignore keeps models/ and
+# params.yaml out of the training image's context).
+serve_build_args() {
+    local lock=requirements-serve.lock export_dir="$PCAM_EXPORT_DIR" commit model_md5 file
+    [[ -f "$lock" ]] || die "$lock is missing in $REPO_ROOT (see docs/development.md, 'Updating dependencies')"
+    for file in model.onnx model_card.json; do
+        [[ -f "$export_dir/$file" ]] ||
+            die "$export_dir/$file not found: the serving image bakes in the exported model; run 'dvc repro export' (or 'dvc pull models/export'), or point PCAM_EXPORT_DIR at an export directory"
+    done
+    commit="$(model_commit)"
+    model_md5="$(md5sum "$export_dir/model.onnx" | cut -d' ' -f1)"
+    SERVE_CONTEXT="$(mktemp -d "${TMPDIR:-/tmp}/pcam-serve-context.XXXXXX")"
+    tar -C "$REPO_ROOT" --exclude=__pycache__ --exclude='*.py[co]' --exclude='*.egg-info' \
+        -cf - "$lock" pyproject.toml README.md params.yaml src | tar -C "$SERVE_CONTEXT" -xf -
+    mkdir "$SERVE_CONTEXT/models"
+    cp -RL "$export_dir" "$SERVE_CONTEXT/models/export"
+    chmod -R a+rX "$SERVE_CONTEXT"
+    BUILD_ARGS=(build --file "$REPO_ROOT/containers/Dockerfile" --target serve --tag "$PCAM_IMAGE"
+        --platform "$PCAM_PLATFORM"
+        --build-arg "BASE_IMAGE=$BASE_IMAGE"
+        --build-arg "PCAM_LOCK=$lock"
+        --build-arg "PCAM_MODEL_COMMIT=$commit"
+        --label "org.opencontainers.image.version=$(project_version)"
+        --label "org.opencontainers.image.revision=$(git_commit)"
+        --label "org.opencontainers.image.base.name=$BASE_IMAGE"
+        --label "io.github.pcam-pipeline.torch-variant=serve"
+        --label "io.github.pcam-pipeline.lock=$lock"
+        --label "io.github.pcam-pipeline.lock-sha256=$(sha256sum "$lock" | cut -d' ' -f1)"
+        --label "io.github.pcam-pipeline.model-md5=$model_md5"
+        --label "io.github.pcam-pipeline.model-commit=$commit")
+    if [[ -n "${GITHUB_REPOSITORY:-}" ]]; then
+        BUILD_ARGS+=(--label "org.opencontainers.image.source=${GITHUB_SERVER_URL:-https://github.com}/$GITHUB_REPOSITORY")
+    fi
+    if [[ "$ENGINE" == podman ]]; then
+        # The docker format keeps HEALTHCHECK (podman's default OCI format drops it).
+        BUILD_ARGS+=("${PODMAN_BUILD_OPTS[@]}" --format docker)
+        bind_host_pip || true
+    elif [[ "${PCAM_PIP_FROM_HOST:-auto}" == 1 ]]; then
+        die "PCAM_PIP_FROM_HOST=1 needs podman (docker build cannot bind host folders): set PCAM_ENGINE=podman"
+    fi
+    # shellcheck disable=SC2206  # intentional word splitting of user-supplied extra arguments
+    local extra=(${PCAM_BUILD_ARGS:-})
+    BUILD_ARGS+=("${extra[@]}" "$SERVE_CONTEXT")
+    note "serving image: lock $lock, model $export_dir/model.onnx (md5 $model_md5, commit ${commit:-unknown}), platform $PCAM_PLATFORM"
+}
+
 build_args() {
+    if [[ "$TORCH_VARIANT" == serve ]]; then
+        serve_build_args
+        return 0
+    fi
     local lock min_driver torch_index
     lock="$(variant_lock "$TORCH_VARIANT")"
     [[ -f "$lock" ]] || die "$lock is missing in $REPO_ROOT: TORCH_VARIANT=$TORCH_VARIANT installs exactly these pins (make it with 'make lock-$TORCH_VARIANT'; see docs/development.md, 'Updating dependencies')"
@@ -270,15 +376,8 @@ build_args() {
     fi
     if [[ "$ENGINE" == podman ]]; then
         BUILD_ARGS+=("${PODMAN_BUILD_OPTS[@]}")
-        local from_host="${PCAM_PIP_FROM_HOST:-auto}"
-        if [[ "$from_host" != 0 ]] && prepare_host_pip; then
-            BUILD_TMP="$PIP_DIR"
-            BUILD_ARGS+=("${PIP_VOLUMES[@]}" --build-arg PIP_CONFIG_FILE=/run/pcam-build/pip.conf)
-            [[ "$TORCH_VARIANT" != cpu ]] || torch_index="${torch_index:-none}"
-            note "binding this machine's pip settings into the build (not into the image):"
-            sed 's/^/    /' "$BUILD_TMP/pip.conf" >&2
-        elif [[ "$from_host" == 1 ]]; then
-            die "PCAM_PIP_FROM_HOST=1 but 'python3 -m pip config list' names no cert, find-links or index"
+        if bind_host_pip && [[ "$TORCH_VARIANT" == cpu ]]; then
+            torch_index="${torch_index:-none}"
         fi
     elif [[ "${PCAM_PIP_FROM_HOST:-auto}" == 1 ]]; then
         die "PCAM_PIP_FROM_HOST=1 needs podman (docker build cannot bind host folders): set PCAM_ENGINE=podman"
@@ -302,7 +401,7 @@ cmd_plan() {
         pick_engine
     fi
     build_args
-    [[ -z "$BUILD_TMP" ]] || rm -rf "$BUILD_TMP"
+    cleanup_build
     printf '%q ' "$ENGINE" "${BUILD_ARGS[@]}"
     echo
 }
@@ -313,7 +412,7 @@ cmd_image() {
     note "$ENGINE ${BUILD_ARGS[*]}"
     local start=$SECONDS rc=0
     engine "${BUILD_ARGS[@]}" || rc=$?
-    [[ -z "$BUILD_TMP" ]] || rm -rf "$BUILD_TMP"
+    cleanup_build
     ((rc == 0)) || die "$ENGINE build failed (exit $rc); see the output above"
     local size
     size="$(engine image inspect --format '{{.Size}}' "$PCAM_IMAGE" 2>/dev/null || echo '?')"
@@ -353,6 +452,15 @@ cmd_sif() {
         note "no docker/podman here: using the existing $PCAM_ARCHIVE"
     else
         die "no docker or podman to save the image, and $PCAM_ARCHIVE does not exist: make it where the image was built (containers/build.sh save) and copy it here"
+    fi
+    if [[ "$TORCH_VARIANT" == serve ]]; then
+        # Straight from the archive: apptainer.def's %environment and %test are the training
+        # environment's (DVC, git, torch). The image's ENV and CMD become the SIF's environment and
+        # runscript (`apptainer run pcam-serve.sif` = pcam serve on 0.0.0.0:8080, token required).
+        "$apptainer" build --force "$PCAM_SIF" "docker-archive://$PCAM_ARCHIVE"
+        "$apptainer" exec --cleanenv "$PCAM_SIF" python -c 'import importlib.util, pathlib, sys; from pcam_pipeline.serve.model import load_model; m = load_model(pathlib.Path("/srv/pcam/models/export"), "fp32", "cpu", 1); sys.exit("torch is in the serving SIF" if importlib.util.find_spec("torch") else None); print("pcam-serve SIF self-test passed: model md5", m.identity["md5"], "commit", m.identity["commit"])'
+        note "built $PCAM_SIF ($(du -h "$PCAM_SIF" | cut -f1))"
+        return 0
     fi
     [[ "$PCAM_ARCHIVE" == build/pcam-pipeline.tar ]] ||
         die "containers/apptainer.def reads build/pcam-pipeline.tar; PCAM_ARCHIVE=$PCAM_ARCHIVE differs"

@@ -407,7 +407,9 @@ def _metrics(server: str) -> dict[str, float]:
 
 def test_a_token_guards_everything_but_the_probes_and_the_page(served, test_patches):
     with running_server(served, env={"PCAM_SERVE_TOKEN": TOKEN}) as (url, _):
-        body, headers = infer_binary(test_patches[:1])
+        # 64 patches: a refused body is read before the 401 goes out, not left to reset the
+        # connection (which a container's port forwarding turns it into)
+        body, headers = infer_binary(test_patches[:64])
         infer = f"{url}/v2/models/pcam/infer"
         status, got_headers, answer = request(infer, "POST", body, headers)
         assert status == 401 and "Authorization: missing" in json.loads(answer)["error"]

@@ -57,27 +57,46 @@ async def send_error(
     await send({"type": "http.response.body", "body": response.body})
 
 
+async def drain(receive: Receive, length: bytes | None, limit: int) -> None:
+    """Read and drop a request's body (up to `limit` bytes) before refusing it: a client that
+    sends its whole body before reading the answer then gets the refusal, not a reset
+    connection (through a container's port forwarding, an unread body turns into one)."""
+    if length is None or not length.isdigit() or int(length) > limit:
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message["type"] == "http.request" and message.get("more_body", False)
+
+
 class BearerToken:
     """Every route but the probes and the page needs `Authorization: Bearer <token>`."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app, self.token = app, token
+    def __init__(self, app: ASGIApp, token: str | None, drain_limit: int) -> None:
+        self.app, self.token, self.drain_limit = app, token, drain_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.token is None or scope["path"] in PUBLIC:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        if not (given.startswith("Bearer ") and self.matches(given.removeprefix("Bearer "))):
+            await drain(receive, headers.get(b"content-length"), self.drain_limit)
         if not given.startswith("Bearer "):
             return await send_error(
                 send, 401, "header Authorization: missing; send 'Authorization: Bearer <token>' "
                 "(the token the server was started with)", {"www-authenticate": "Bearer"},
             )  # fmt: skip
-        if not hmac.compare_digest(given.removeprefix("Bearer ").encode(), self.token.encode()):
+        if not self.matches(given.removeprefix("Bearer ")):
             return await send_error(
                 send, 403, "header Authorization: wrong token; use the token the server was "
                 "started with (PCAM_SERVE_TOKEN or --token-file)",
             )  # fmt: skip
         await self.app(scope, receive, send)
+
+    def matches(self, given: str) -> bool:
+        assert self.token is not None
+        return hmac.compare_digest(given.encode(), self.token.encode())
 
 
 class BodyLimit:
@@ -102,11 +121,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            drained, more = 0, length.isdigit() and int(length) <= self.DRAIN_FACTOR * self.limit
-            while more:
-                message = await receive()
-                drained += len(message.get("body", b""))
-                more = message.get("more_body", False) and message["type"] == "http.request"
+            await drain(receive, length, self.DRAIN_FACTOR * self.limit)
             return await send_error(send, 413, self.refusal(length.decode("latin-1")))
         received = 0
 
@@ -325,4 +340,5 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    return Measured(BearerToken(BodyLimit(app, limits.max_body_bytes), token), routes, metrics)
+    guarded = BearerToken(BodyLimit(app, limits.max_body_bytes), token, limits.max_body_bytes)
+    return Measured(guarded, routes, metrics)

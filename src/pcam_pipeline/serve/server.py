@@ -98,6 +98,9 @@ def main(params: ServeParams, options: ServeOptions) -> None:
     from pcam_pipeline.serve.model import load_model
 
     token = checked_token(params.host, read_token(dict(os.environ), options.token_file))
+    # ONNX Runtime 1.32 keeps a usage-telemetry database under ~/.cache on Linux unless told not
+    # to: a server has no business writing there.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     model = load_model(options.export_dir, params.precision, options.device, options.threads)
     metrics = ServeMetrics(model.identity)
     batcher = Batcher(
