@@ -7,6 +7,9 @@
 #
 #   scripts/gpu-check.sh [OUT_DIR]          # default reports/gpu-check
 #   PCAM_BASELINE=DIR scripts/gpu-check.sh  # also time an earlier checkout's loop beside it
+#   PCAM_GPU_CHECK_ARGS=--mig-cap scripts/gpu-check.sh reports/gpu-check-mig
+#       # the course's MIG 1g.5gb slice, stood in for: the process capped at 4.75 GiB, the CNN and
+#       # timm resnet18 at batch 1/64/256/1024, eager and compiled: fits, img/s, peak memory
 #
 # Needs python3 with torch (CUDA), h5py, numpy, scipy, scikit-learn, pydantic, pyyaml, tqdm,
 # psutil and pytest; not DVC (the stages' functions are called directly).
@@ -18,6 +21,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 baseline=()
 [[ -n "${PCAM_BASELINE:-}" ]] && baseline=(--baseline "$PCAM_BASELINE")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/nvidia-smi.txt"
+nvidia-smi -L | tee -a "$out/nvidia-smi.txt" # GPUs and MIG instances (a slice's profile)
 python3 -m pcam_pipeline.bench.gpucheck --out "$out/gpu-check.json" "${baseline[@]}" \
   ${PCAM_GPU_CHECK_ARGS:-} | tee "$out/gpu-check.txt"
 python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"

@@ -56,7 +56,14 @@ def rule_for(record: dict[str, Any] | None) -> tuple[str, str]:
         return "bit-identical", "train did not run (its inputs and outputs matched the lock)"
     device, cpu = record.get("device", "cpu"), record.get("cpu", {})
     if device != "cpu":
-        return "tolerance", f"this run trained on {device}: GPU kernels are not the CPU's"
+        # Which GPU: a MIG slice (1g.5gb) has fewer SMs than its whole A100, so only runs on
+        # the same profile, driver and libraries are bit-identical to each other.
+        gpu = record.get("gpu") or {}
+        names = ", ".join(gpu.get("names") or []) or "GPU"
+        profile = f", MIG profile {gpu['profile']}" if gpu.get("mig") else ""
+        return "tolerance", (
+            f"this run trained on {device} ({names}{profile}): GPU kernels are not the CPU's"
+        )
     if cpu.get("level") != PORTABLE_LEVEL:
         why = (
             "cpu.numerics is native"

@@ -5,7 +5,8 @@ minute instead of training on the CPU at GPU rates.
 
 Checked, in order: the installed torch is a CUDA build (torch.version.cuda), the node's NVIDIA
 driver is at least the one that build needs (PCAM_CUDA_MIN_DRIVER, set in the image by
-containers/Dockerfile; else known from the CUDA major version), and CUDA sees a device.
+containers/Dockerfile; else known from the CUDA major version), and CUDA sees a device. The line
+it prints names a MIG slice's profile (`MIG 1g.5gb`), from the device names or `nvidia-smi -L`.
 
 The driver version comes from NVML (nvidia-ml-py, in the lock; libnvidia-ml is bound into the
 container by `apptainer exec --nv`), else from PCAM_NODE_DRIVER (the wrapper's `nvidia-smi` on the
@@ -15,6 +16,8 @@ host). Standard library + torch only: it must run in any image.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 
 # The oldest driver branch each CUDA major runs on (CUDA minor-version compatibility).
@@ -88,6 +91,53 @@ def problems(
     return []
 
 
+# A MIG slice's profile in a device name or an `nvidia-smi -L` line (`... MIG 1g.5gb ...`): the
+# same patterns as pcam_pipeline.runtime.mig_facts, repeated here because this script runs before
+# the project is known to import (standard library + torch only).
+MIG_PROFILE = re.compile(r"\bMIG\s+(\d+g\.\d+gb)\b", re.IGNORECASE)
+
+
+def smi_list() -> str:
+    """`nvidia-smi -L` (GPUs and MIG instances), empty where it cannot run (the device names
+    still carry the profile)."""
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def mig_note(names: list[str], visible: str | None, smi_l: str) -> str:
+    """`, MIG 1g.5gb x2 (one training worker)` for MIG slices, empty for whole GPUs."""
+    uuids = [part.strip() for part in (visible or "").split(",") if part.strip().startswith("MIG-")]
+    profiles = [m.group(1).lower() for m in map(MIG_PROFILE.search, names) if m]
+    if not profiles:
+        profiles = [m.group(1).lower() for m in map(MIG_PROFILE.search, smi_l.splitlines()) if m]
+    if not (uuids or profiles):
+        return ""
+    instances = len(uuids) or len(profiles)
+    note = f", MIG {','.join(sorted(set(profiles))) or 'slice'}"
+    if instances > 1:
+        note += f" x{instances} (NCCL does not run across MIG instances: one training worker)"
+    return note
+
+
+def check_line(
+    torch_version: str,
+    torch_cuda: str | None,
+    driver: str | None,
+    names: list[str],
+    visible: str | None,
+    smi_l: str,
+) -> str:
+    """The preflight's one line of facts: the build, the driver, the GPUs, and MIG slices."""
+    return (
+        f"gpu check: torch {torch_version} CUDA {torch_cuda}, driver {driver or 'unknown'}, "
+        f"{len(names)} GPU(s): {', '.join(names)}{mig_note(names, visible, smi_l)}"
+    )
+
+
 def main() -> int:
     import warnings
 
@@ -113,10 +163,16 @@ def main() -> int:
         for problem in found:
             print(f"[pcam-slurm] error: {problem}", file=sys.stderr)
         return 3
-    names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
+    names = [torch.cuda.get_device_name(i) for i in range(count)]
     print(
-        f"gpu check: torch {torch.__version__} CUDA {torch_cuda}, driver {driver or 'unknown'}, "
-        f"{count} GPU(s): {names}"
+        check_line(
+            torch.__version__,
+            torch_cuda,
+            driver,
+            names,
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+            smi_list(),
+        )
     )
     return 0
 

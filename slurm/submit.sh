@@ -217,6 +217,31 @@ done
 # GPUs per node or per task (several nodes: --nodes=2 --ntasks-per-node=4 --gpus-per-node=4)
 # replace the site's total (SBATCH_GPUS): sbatch takes one way of counting them.
 if ((gpus_per_node)); then unset SBATCH_GPUS; fi
+# A partition that hands out MIG slices (the course file: PCAM_GPU_SLICE=gpu_course:CPUS:MEMORY): a
+# job there gets one slice's share, its CPUs and memory per GPU from one setting so the two cannot
+# drift apart, instead of a site file's per-node memory. An option (--cpus-per-gpu, --mem*) or the
+# user's environment (SBATCH_CPUS_PER_GPU, SBATCH_MEM_PER_NODE/_PER_GPU/_PER_CPU) still wins.
+from_user() { [[ -n ${!1:-} && -z ${SEEN[$1]:-} ]]; }
+have_mem=0
+for o in "${sbatch_opts[@]}"; do
+    case $o in --mem | --mem=* | --mem-per-*) have_mem=1 ;; esac
+done
+IFS=, read -ra table <<<"${PCAM_GPU_SLICE:-}"
+if [[ $what == serve ]]; then table=(); fi # a server asks for its own share (above)
+for entry in "${table[@]}"; do
+    [[ $entry =~ ^([^:]+):([0-9]+):([0-9]+[KMGT]?)$ ]] ||
+        die "PCAM_GPU_SLICE entry '$entry' is not PARTITION:CPUS:MEMORY (e.g. gpu_course:2:16G)."
+    [[ -n $partition && ${BASH_REMATCH[1]} == "$partition" ]] || continue
+    if ((!have_cpus)) && ! from_user SBATCH_CPUS_PER_GPU; then
+        export SBATCH_CPUS_PER_GPU=${BASH_REMATCH[2]}
+    fi
+    if ((!have_mem)) && ! from_user SBATCH_MEM_PER_NODE && ! from_user SBATCH_MEM_PER_GPU &&
+        ! from_user SBATCH_MEM_PER_CPU; then
+        unset SBATCH_MEM_PER_NODE SBATCH_MEM_PER_CPU # sbatch takes one way of sizing memory
+        export SBATCH_MEM_PER_GPU=${BASH_REMATCH[3]}
+    fi
+    echo "submit.sh: $partition hands out GPU slices (MIG): ${SBATCH_CPUS_PER_GPU:-?} CPUs and ${SBATCH_MEM_PER_GPU:-${SBATCH_MEM_PER_NODE:-the default}} memory per slice (PCAM_GPU_SLICE=$entry; the course's to confirm, docs/slurm.md#mig-slices)." >&2
+done
 # CPUs per GPU follow the partition's nodes (site.env: PCAM_CPUS_PER_GPU=gpu_a100:18,gpu_h100:16),
 # unless given as an option, in the environment or in a site file.
 if [[ $what != serve ]] && ((!have_cpus)) && [[ -z ${SBATCH_CPUS_PER_GPU:-} && -n $partition ]]; then

@@ -5,6 +5,7 @@ scaled down), its table and its --configs (the timed loops are in tests/test_gpu
 from __future__ import annotations
 
 import h5py
+import pytest
 
 from pcam_pipeline.bench import full_size, gpucheck
 from pcam_pipeline.data.processed import ProcessedData
@@ -123,3 +124,46 @@ def test_the_timm_rows_time_resnet18_and_resnet50_at_256_bf16_eager_and_compiled
     row.update(end_to_end_img_s=800.0, fed_fraction=800 / 900, pcam_epoch_s=327.68)
     text = gpucheck.table({"loop": [], "loop_resnet50": [row]})
     assert "timm resnet50:\n" in text and "| 256, bf16, off | 800 | 900 | 0.89 | 327.68 |" in text
+
+
+# --- the course's MIG slice, stood in for by a memory cap (`--mig-cap`) ---------------------------
+
+
+def test_the_slice_rows_are_cnn_and_resnet18_at_the_course_batches_eager_and_compiled():
+    assert gpucheck.MIG_CAP_GIB == 4.75
+    assert {mode for _, _, mode in gpucheck.MIG_CONFIGS} == {"off", "reduce-overhead"}
+    assert sorted({batch for batch, _, _ in gpucheck.MIG_CONFIGS}) == [1, 64, 256, 1024]
+    args = gpucheck.build_parser().parse_args(["--out", "x.json", "--mig-cap"])
+    assert args.mig_cap == 4.75
+    assert gpucheck.build_parser().parse_args(["--out", "x", "--mig-cap", "9.5"]).mig_cap == 9.5
+    assert gpucheck.build_parser().parse_args(["--out", "x"]).mig_cap is None
+
+
+def test_a_row_says_whether_it_fits_and_its_peak_memory():
+    gib = gpucheck.GIB
+    ran = gpucheck.with_fit(
+        {"batch_size": 64, "compile": "off", "end_to_end_img_s": 9000.0}, gib, 2 * gib
+    )
+    assert ran["fits"] and ran["peak_allocated_gib"] == 1.0 and ran["peak_reserved_gib"] == 2.0
+    oom = {
+        "batch_size": 1024,
+        "compile": "reduce-overhead",
+        "oom": 1,
+        "error": "out of memory: CUDA",
+    }
+    assert not gpucheck.with_fit(oom, 4 * gib, 4 * gib)["fits"]
+    other = gpucheck.with_fit({"batch_size": 1, "compile": "off", "error": "ValueError: x"}, 0, 0)
+    assert other["fits"], "an error other than memory says nothing about fitting"
+    lines = gpucheck.slice_lines([ran, gpucheck.with_fit(oom, 4 * gib, 4 * gib)])
+    assert "9,000" in lines[1] and "yes" in lines[1] and "NO" in lines[2]
+
+
+def test_the_loader_decides_as_on_a_device_of_the_capped_size():
+    """The loader reads the whole GPU's free memory, which the cap does not lower: its share is
+    scaled so the split goes to the device only when it fits the slice's."""
+    params = small_run_params()
+    gib = gpucheck.GIB
+    capped = gpucheck.capped_loader(params, int(4.75 * gib), 80 * gib, 80 * gib)
+    budget = capped.loader.device_memory_fraction * 80 * gib
+    assert budget == pytest.approx(params.loader.device_memory_fraction * 4.75 * gib)
+    assert capped.train == params.train

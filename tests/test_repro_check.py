@@ -120,6 +120,18 @@ def test_on_the_cpu_at_the_portable_level_other_weights_fail(repo):
     ("record", "reason"),
     [
         ({"device": "cuda:0", "cpu": ON_THE_CPU["cpu"]}, "trained on cuda:0"),
+        (
+            {
+                "device": "cuda",
+                "cpu": ON_THE_CPU["cpu"],
+                "gpu": {
+                    "names": ["NVIDIA A100-SXM4-40GB MIG 1g.5gb"],
+                    "mig": True,
+                    "profile": "1g.5gb",
+                },
+            },
+            "trained on cuda (NVIDIA A100-SXM4-40GB MIG 1g.5gb, MIG profile 1g.5gb)",
+        ),
         ({"device": "cpu", "cpu": {"level": "native", "cpu_model": "Core i5-2520M"}}, "lacks"),
         ({"device": "cpu", "cpu": {"level": "native", "numerics": "native"}}, "numerics is native"),
     ],

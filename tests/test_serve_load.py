@@ -28,6 +28,7 @@ def test_the_load_test_reports_served_and_in_process_side_by_side(
         assert row["requests"] > 0 and row["errors"] == 0
         assert row["img_per_s"] == pytest.approx(row["requests_per_s"] * row["patches_per_request"])
         assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["mean_batch_patches"] >= row["patches_per_request"]
         assert row["in_process_batch"] == min(row["users"] * row["patches_per_request"], 256)
         assert row["in_process_img_per_s"] > 0
         assert row["served_over_in_process"] == pytest.approx(

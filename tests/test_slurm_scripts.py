@@ -573,13 +573,40 @@ def test_the_course_site_puts_cpu_jobs_on_thin_course_without_a_gpu(submit_env):
     assert call["env"]["SBATCH_MEM_PER_NODE"] == "16G"  # the course share, not site.env's 60G
 
 
-def test_the_course_site_gives_gpu_course_a_gpu_and_its_share_of_cores(submit_env):
+def test_the_course_site_gives_gpu_course_one_mig_slice_and_its_share(submit_env):
+    """gpu_course hands out MIG slices: CPUs and memory per slice come from one setting
+    (PCAM_GPU_SLICE), per GPU, instead of the per-node memory of the CPU partition."""
     repo, env = submit_env
-    submit(repo, {**env, "PCAM_SLURM_SITE": "snellius-course"}, "benchmark")
+    result = submit(repo, {**env, "PCAM_SLURM_SITE": "snellius-course"}, "benchmark")
     call = recorded(env)
     assert call["env"]["SBATCH_PARTITION"] == "gpu_course"
-    assert call["env"]["SBATCH_GPUS"] == "1" and call["env"]["SBATCH_CPUS_PER_GPU"] == "8"
+    assert call["env"]["SBATCH_GPUS"] == "1" and call["env"]["SBATCH_CPUS_PER_GPU"] == "2"
+    assert call["env"]["SBATCH_MEM_PER_GPU"] == "16G"
+    assert "SBATCH_MEM_PER_NODE" not in call["env"], "sbatch takes one way of sizing memory"
     assert not any(a.startswith("--mincpus") for a in call["argv"])
+    assert "gpu_course hands out GPU slices (MIG): 2 CPUs and 16G memory per slice" in result.stderr
+    assert "the course's to confirm" in result.stderr
+
+
+def test_the_users_own_share_beats_the_slice_setting(submit_env):
+    repo, env = submit_env
+    smaller = {**env, "SBATCH_CPUS_PER_GPU": "1", "SBATCH_MEM_PER_NODE": "1000M"}
+    submit(repo, smaller, "--site", "snellius-course", "benchmark")
+    call = recorded(env)
+    assert call["env"]["SBATCH_CPUS_PER_GPU"] == "1"
+    assert call["env"]["SBATCH_MEM_PER_NODE"] == "1000M" and "SBATCH_MEM_PER_GPU" not in call["env"]
+    submit(repo, env, "--site", "snellius-course", "--cpus-per-gpu=4", "--mem=8G", "benchmark")
+    call = recorded(env)
+    assert "SBATCH_MEM_PER_GPU" not in call["env"] and "SBATCH_CPUS_PER_GPU" not in call["env"]
+    assert "--cpus-per-gpu=4" in call["argv"] and "--mem=8G" in call["argv"]
+    bad = submit(
+        repo,
+        {**env, "PCAM_GPU_SLICE": "gpu_course:2"},
+        "--site=snellius-course",
+        "benchmark",
+        check=False,
+    )
+    assert bad.returncode != 0 and "is not PARTITION:CPUS:MEMORY" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from pcam_pipeline.repro import (
     save_checkpoint,
     write_json,
 )
-from pcam_pipeline.runtime import cpu_numerics_record
+from pcam_pipeline.runtime import cpu_numerics_record, gpu_record
 from pcam_pipeline.training import SUM_KEYS
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,10 @@ def save_with_record(path: Path, checkpoint: dict[str, Any]) -> None:
         # of PyPI's build says only 2.13.0.
         "versions": {**package_versions(), "torch": torch.__version__},
         "cpu": cpu_numerics_record(),
+        # The GPU's names and whether it is a MIG slice, and which profile (1g.5gb): a slice
+        # and a whole A100 differ in SMs, so their runs may differ (docs/reproducibility.md).
+        # None on the CPU.
+        "gpu": gpu_record(),
     }
     write_json(provenance_path(path), record)
 

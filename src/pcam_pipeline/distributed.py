@@ -14,7 +14,8 @@ start it, behind the one `pcam train` command that DVC runs.
   (75 when they were preempted);
 - otherwise a **single process**, exactly as without this module.
 
-NCCL on CUDA (one GPU per worker, `cuda:LOCAL_RANK`), gloo on the CPU.
+NCCL on CUDA (one GPU per worker, `cuda:LOCAL_RANK`), gloo on the CPU. Never NCCL across MIG
+instances (slices of one GPU): there training runs one worker (`mig_processes`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import LAUNCHED_PARAMS_ENV, Params, TrainParams
 from pcam_pipeline.paths import LAST_CHECKPOINT
 from pcam_pipeline.preemption import EXIT_PREEMPTED, STOP_SIGNALS, Preempted
-from pcam_pipeline.runtime import resolve_device
+from pcam_pipeline.runtime import gpu_record, resolve_device
 
 log = logging.getLogger(__name__)
 MODE_ENV = "PCAM_DIST"  # set by a launcher for its workers: "local" or "srun"
@@ -102,8 +103,38 @@ def uses_cuda(params: TrainParams) -> bool:
 
 def training_processes(params: TrainParams) -> int:
     """How many workers a `pcam train` that no launcher started runs: one per task of a Slurm
-    allocation, else what `train.devices` asks for."""
-    return max(slurm_tasks(), requested_processes(params.devices, uses_cuda(params)))
+    allocation, else what `train.devices` asks for; one on MIG slices (`mig_processes`)."""
+    cuda = uses_cuda(params)
+    tasks, asked = slurm_tasks(), requested_processes(params.devices, cuda)
+    processes = max(tasks, asked)
+    if not cuda or processes == 1:
+        return processes
+    facts = gpu_record() or {"mig": False}
+    return mig_processes(processes, params.devices, tasks, facts)
+
+
+def mig_processes(processes: int, devices: int | str, tasks: int, facts: dict[str, Any]) -> int:
+    """The worker count on these GPUs (`runtime.mig_facts`): `processes` on whole GPUs. On MIG
+    instances NCCL cannot form a process group (it does not run across instances: an error or
+    a hang), so `train.devices: auto` trains one worker and says why, and an explicit request
+    for several (train.devices: N, or several Slurm tasks) is refused with the fix."""
+    if not facts.get("mig") or processes == 1:
+        return processes
+    slices = f"{facts.get('instances', '?')} MIG instance(s) ({facts.get('profile') or 'MIG'})"
+    if devices == "auto" and tasks <= 1:
+        log.warning(
+            "this job sees %s: NCCL does not run across MIG instances, so training runs one "
+            "worker on the first (ask Slurm for one slice, --gpus=1, to leave the others free)",
+            slices,
+        )
+        return 1
+    asked = f"train.devices: {devices}" if tasks <= 1 else f"{tasks} Slurm tasks"
+    raise WorkersFailed(
+        f"{asked} asks for {processes} training workers, but this job's GPUs are {slices}, and "
+        "NCCL does not run across MIG instances (DistributedDataParallel would fail or hang). "
+        "Fix: train on one slice: train.devices: 1 (or auto) and one task with one GPU "
+        "(--ntasks=1 --gpus=1); several workers need whole GPUs (docs/slurm.md#mig-slices)"
+    )
 
 
 def first_host(nodelist: str) -> str:
@@ -145,6 +176,9 @@ def init(world: World, device_type: str, environ: dict[str, str] | None = None) 
         os.environ.setdefault("MASTER_ADDR", first_host(env["SLURM_STEP_NODELIST"]))
         os.environ.setdefault("MASTER_PORT", str(rendezvous_port(env)))
     if device_type == "cuda":
+        # Workers a launcher of another kind (torchrun) started on MIG slices: refuse before
+        # NCCL is asked to join them (mig_processes raises for any explicit count above one).
+        mig_processes(world.size, world.size, world.size, gpu_record() or {"mig": False})
         if world.local_rank >= torch.cuda.device_count():
             raise DistributedError(
                 f"worker {world.rank} has local rank {world.local_rank} but this node shows "

@@ -9,10 +9,11 @@ the time limit) and resumed from models/last.pt end bit-identical to an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,15 @@ from pcam_pipeline.params import Params
 from pcam_pipeline.paths import BEST_CHECKPOINT, LAST_CHECKPOINT
 from pcam_pipeline.preemption import Preempted, StopFlag
 from pcam_pipeline.repro import seed_everything
-from pcam_pipeline.runtime import data_dir, processed_data, resolve_device, uses_bf16
-from pcam_pipeline.training import Loop, Plateau, RunningSums
+from pcam_pipeline.runtime import (
+    data_dir,
+    memory_found,
+    out_of_memory_error,
+    processed_data,
+    resolve_device,
+    uses_bf16,
+)
+from pcam_pipeline.training import Loop, Plateau, RunningSums, prove_fit
 
 log = logging.getLogger(__name__)
 STOP_CHECK_STEPS = 25  # CUDA workers agree on stopping every this many steps
@@ -126,6 +134,51 @@ class Trainer:
         self.valid_batches = DeviceBatches(self.valid_split, self.device, params.loader)
         self.progress = Progress()
         self.steps_per_epoch = self.loop.steps_per_epoch
+
+    def out_of_memory(
+        self, free: int | None, total: int | None, detail: str, when: str
+    ) -> Exception:
+        return out_of_memory_error(
+            batch_size=self.tp.batch_size,
+            model=self.tp.model if self.tp.model != "timm" else f"timm {self.tp.timm.name}",
+            compile_mode=self.tp.compile,
+            free_bytes=free,
+            total_bytes=total,
+            device_name=torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else None,
+            when=when,
+            detail=detail,
+        )
+
+    def check_fit(self) -> None:
+        """On CUDA, before the first epoch: one trial step at train.batch_size beside the data
+        the loader placed on the device, so a batch too large for the GPU (a 5 GB MIG slice)
+        stops the stage now, with the fix, and nothing written. The CPU run is left exactly as
+        it was (no trial: its memory is the host's, and its bytes are in dvc.lock)."""
+        if self.device.type != "cuda":
+            return
+        prove_fit(
+            self.loop.trial_step,
+            lambda: memory_found(self.device),
+            lambda free, total, detail: self.out_of_memory(
+                free, total, detail, "before the first epoch (nothing was written)"
+            ),
+        )
+
+    @contextlib.contextmanager
+    def out_of_memory_stops(self) -> Iterator[None]:
+        """An out-of-memory during training (memory that grew after the trial step: another
+        process on the GPU, fragmentation, validation) ends the stage with the same error;
+        nothing is saved, so models/last.pt stays the last complete checkpoint."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as exc:
+            detail = str(exc)
+            del exc
+            free, total = memory_found(self.device)
+            when = f"at epoch {self.progress.epoch + 1}; {LAST_CHECKPOINT} is kept as last saved"
+            raise self.out_of_memory(free, total, detail, when) from None
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -275,6 +328,7 @@ def fit(
     """Train to the last epoch, resuming from models/last.pt when it is an unfinished run of
     these params on this data; `log_row` gets every epoch's row (replayed ones first)."""
     trainer = Trainer(params, world)
+    trainer.check_fit()
     resumed = resume_point(LAST_CHECKPOINT, trainer.fingerprint, world)
     if resumed is not None:
         trainer.restore(resumed)
@@ -294,8 +348,9 @@ def fit(
         if agreed is not None:  # arrived between epochs: last.pt is up to date
             trainer.save(LAST_CHECKPOINT)
             raise preempted(agreed, f"before epoch {trainer.progress.epoch + 1}")
-        trainer.train_epoch(stop)
-        row = trainer.end_epoch()
+        with trainer.out_of_memory_stops():
+            trainer.train_epoch(stop)
+            row = trainer.end_epoch()
         log_row(row)
         log.info(
             "epoch %d: %s",

@@ -15,6 +15,7 @@ summed on one thread (`portable_convolutions`) and the optimisers are PyTorch's 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -483,6 +484,61 @@ class Loop:
         finally:
             bar.close()
         return batch
+
+    def trial_step(self) -> None:
+        """One optimisation step at this worker's share of train.batch_size on made-up patches,
+        then the model, optimiser and random generators put back as they were: it proves the
+        step fits the device's memory (the compiled graph too) and changes nothing the run
+        computes. Parameters and buffers are restored in place, so the tensors a compiled graph
+        or a CUDA graph holds stay the ones the run trains."""
+        tp = self.params
+        size = tp.batch_size // self.world.size
+        model_state = {
+            name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()
+        }
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        generator = torch.Generator().manual_seed(tp.seed)
+        x = torch.randint(0, 256, (size, *INPUT_SHAPE[1:], INPUT_SHAPE[0]), generator=generator)
+        y = torch.randint(0, 2, (size,), generator=generator)
+        flags = tp.augment
+        codes = symmetry_codes(generator, size, flags.flip, flags.rot90)
+        x, y = x.to(torch.uint8).to(self.device), y.to(torch.uint8).to(self.device)
+        codes = None if codes is None else codes.to(self.device)
+        try:
+            # reduce-overhead records its CUDA graphs on the second call (the first warms up),
+            # and the graphs' memory pool is what may not fit: run until it is recorded.
+            for _ in range(2 if tp.compile == "reduce-overhead" else 1):
+                self.step(x, y, codes, 0.0, tp.batch_size)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, tensor in self.model.state_dict().items():
+                    tensor.copy_(model_state[name])
+            self.optimizer.load_state_dict(optimizer_state)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def prove_fit(
+    trial: Callable[[], None],
+    memory: Callable[[], tuple[int | None, int | None]],
+    error: Callable[[int | None, int | None, str], Exception],
+) -> None:
+    """Run `trial` (a step at train.batch_size); when the device runs out of memory, raise
+    `error(free, total, what CUDA said)` with the memory found after it, instead of the
+    traceback. Pure of devices, so a test drives it with a simulated out-of-memory."""
+    try:
+        trial()
+    except torch.cuda.OutOfMemoryError as exc:
+        message = str(exc)
+        del exc  # its traceback holds the frames' tensors: free them before measuring
+        free, total = memory()
+        raise error(free, total, message) from None
 
 
 def resident_batches(

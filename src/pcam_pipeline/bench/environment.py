@@ -14,7 +14,7 @@ import torch
 
 from pcam_pipeline import numerics
 from pcam_pipeline.repro import run_environment
-from pcam_pipeline.runtime import cpu_numerics_record
+from pcam_pipeline.runtime import cpu_numerics_record, gpu_record
 
 
 def gpu_driver() -> dict[str, str | None]:
@@ -42,6 +42,8 @@ def environment() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
+        # Whole GPU or MIG slice, and the slice's profile (nvidia-smi -L, CUDA_VISIBLE_DEVICES).
+        "gpu_mig": gpu_record(ask_smi=True) if cuda else None,
         **(gpu_driver() if cuda else {"driver": None, "gpu_memory": None}),
         "cpu_model": numerics.cpu_identity()["model"],
         "cpu_numerics": cpu_numerics_record(),

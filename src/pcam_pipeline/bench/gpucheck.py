@@ -7,8 +7,11 @@ train split, runs the validate and preprocess work on it, then times the trainin
 end (the real loader feeding the real step) against the same step on resident data, per batch
 size, precision and `train.compile` mode, and prints the table. `--baseline DIR`: a checkout of
 an earlier version (its `src/` and `params.yaml`) whose `Trainer.train_epoch` is timed the same
-way, in the same run, for a side-by-side ratio (`baseline_epoch.py`). The JSON is rewritten
-after every measurement, so a run cut short still leaves what it measured.
+way, in the same run, for a side-by-side ratio (`baseline_epoch.py`). `--mig-cap [GIB]` stands
+in for the course's MIG 1g.5gb slice instead: the process capped at 4.75 GiB, the default CNN and
+timm resnet18 at the course's batch sizes, eager and compiled, each row with whether it fits, img/s
+and peak memory. The JSON is rewritten after every measurement, so a run cut short still leaves
+what it measured.
 """
 
 from __future__ import annotations
@@ -62,6 +65,16 @@ DDP_CONFIGS: tuple[Config, ...] = ((64, "bf16", "off"), (256, "bf16", "off"), (1
 TIMM_MODELS = ("resnet18", "resnet50")
 TIMM_CONFIGS: tuple[Config, ...] = ((256, "bf16", "off"), (256, "bf16", "reduce-overhead"))
 WARMUP_STEPS = 20
+# A stand-in for the course's MIG 1g.5gb slice (`--mig-cap`): the process capped at 4.75 GiB (the
+# slice's memory less CUDA's context) with torch.cuda.set_per_process_memory_fraction, the default
+# CNN and timm resnet18 at the course's batch sizes, eager and compiled. A cap is not a slice: the
+# GPU keeps all its SMs, so the img/s are the whole GPU's; what fits and the peak memory carry over.
+MIG_CAP_GIB = 4.75
+MIG_BATCHES = (1, 64, 256, 1024)
+MIG_CONFIGS: tuple[Config, ...] = tuple(
+    (batch, "bf16", mode) for mode in ("off", "reduce-overhead") for batch in MIG_BATCHES
+)
+GIB = 1024**3
 BASELINE_RUNNER = Path(__file__).with_name("baseline_epoch.py")
 
 
@@ -101,9 +114,18 @@ def cuda_train_params(params: Params, config: Config, timm_name: str | None = No
 class GpuLoops:
     """The training loop on CUDA, fed from the processed train split, one config at a time."""
 
-    def __init__(self, params: Params, processed: Path, budget_s: float, record: Record) -> None:
-        self.params, self.budget_s, self.record = params, budget_s, record
+    def __init__(
+        self,
+        params: Params,
+        processed: Path,
+        budget_s: float,
+        record: Record,
+        cap_bytes: int | None = None,
+    ) -> None:
         device = torch.device("cuda")
+        if cap_bytes is not None:
+            params = capped_loader(params, cap_bytes, *torch.cuda.mem_get_info(device))
+        self.params, self.budget_s, self.record = params, budget_s, record
         dataset = ProcessedData(processed)
         split = Split.open(dataset.split_path("train"), params.loader)
         self.mean, self.std = dataset.normalisation(device)
@@ -127,14 +149,22 @@ class GpuLoops:
         """Time each config into result[key] (with `timm_name`: that architecture's rows)."""
         rows = []
         for config in configs:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
             try:
                 row = self.time(config, timm_name=timm_name)
             except Exception as error:  # one failing configuration must not hide the others
                 batch_size, precision, compile_mode = config
                 row = {"batch_size": batch_size, "precision": precision, "compile": compile_mode}
                 row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
+            row = with_fit(row, torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
             rows.append(row)
             self.record(key, rows)
+
+    def slice_tables(self) -> None:
+        """The course's slice (`--mig-cap`): the default model and timm resnet18."""
+        self.table(MIG_CONFIGS, "slice_cnn")
+        self.table(MIG_CONFIGS, "slice_resnet18", timm_name="resnet18")
 
     def timm_tables(self) -> None:
         for name in TIMM_MODELS:
@@ -153,6 +183,30 @@ class GpuLoops:
                 self.record("ddp_one_gpu", rows)
         finally:
             dist.destroy_process_group()
+
+
+def capped_loader(params: Params, cap_bytes: int, free: int, total: int) -> Params:
+    """params with loader.device_memory_fraction scaled so the loader's decision (hold the split
+    on the GPU or prefetch it) is the one it makes on a device of `cap_bytes`: it reads the free
+    memory of the whole GPU, which the per-process cap does not lower."""
+    loader = params.loader
+    available = max(min(cap_bytes, free), 0)
+    fraction = loader.device_memory_fraction * available / max(free, 1)
+    return params.model_copy(
+        update={"loader": loader.model_copy(update={"device_memory_fraction": fraction})}
+    )
+
+
+def with_fit(row: dict[str, Any], peak_allocated: int, peak_reserved: int) -> dict[str, Any]:
+    """A table row with whether the config fits (it ran, or failed for another reason than
+    memory) and the peak memory it took, in GiB."""
+    error = row.get("error", "")
+    return {
+        **row,
+        "fits": not row.get("oom") and "out of memory" not in error.lower(),
+        "peak_allocated_gib": round(peak_allocated / GIB, 3),
+        "peak_reserved_gib": round(peak_reserved / GIB, 3),
+    }
 
 
 def time_baseline(
@@ -240,7 +294,27 @@ def table(result: dict[str, Any]) -> str:
             lines += ["", f"timm {name}:", *loop_lines({"loop": result[f"loop_{name}"]})]
     if result.get("ddp_one_gpu"):
         lines += ["", *ddp_lines(result)]
+    for key in ("slice_cnn", "slice_resnet18"):
+        if result.get(key):
+            lines += [
+                "",
+                f"{key} (capped at {result.get('memory_cap_gib')} GiB):",
+                *slice_lines(result[key]),
+            ]
     return "\n".join(lines)
+
+
+def slice_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """batch, compile, fits, img/s and peak memory of the slice's rows."""
+    lines = ["batch  compile          fits  img/s      peak GiB (reserved)"]
+    for row in rows:
+        rate = row.get("end_to_end_img_s")
+        shown = f"{rate:,.0f}" if isinstance(rate, int | float) else "-"
+        lines.append(
+            f"{row['batch_size']:>5}  {row['compile']:<15}  {'yes' if row['fits'] else 'NO':<4}  "
+            f"{shown:<9}  {row['peak_allocated_gib']:.2f} ({row['peak_reserved_gib']:.2f})"
+        )
+    return lines
 
 
 def parse_configs(text: str | None) -> tuple[Config, ...]:
@@ -269,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-timm", action="store_true", help=f"skip the timm rows ({', '.join(TIMM_MODELS)})"
     )
+    parser.add_argument(
+        "--mig-cap",
+        type=float,
+        nargs="?",
+        const=MIG_CAP_GIB,
+        help=f"stand in for a MIG slice: cap the process at this many GiB (default "
+        f"{MIG_CAP_GIB}) and time only the slice's rows (cnn and resnet18, batches "
+        f"{', '.join(map(str, MIG_BATCHES))}, eager and compiled)",
+    )
     return parser
 
 
@@ -277,6 +360,12 @@ def run(args: argparse.Namespace, params: Params, record: Record) -> None:
     try:
         started = time.perf_counter()
         record("data", prepare_data(params, work, args.patches))
+        if args.mig_cap is not None:
+            cap = int(args.mig_cap * GIB)
+            loops = GpuLoops(params, work / "processed", args.budget, record, cap_bytes=cap)
+            loops.slice_tables()
+            record("seconds", time.perf_counter() - started)
+            return
         loops = GpuLoops(params, work / "processed", args.budget, record)
         loops.table(parse_configs(args.configs))
         if not args.no_timm:
@@ -302,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.train.seed)
     result: dict[str, Any] = {"environment": environment(), "patches": args.patches}
+    if args.mig_cap is not None:
+        # Before anything is allocated: every later allocation beyond the cap is an OOM, as on
+        # a slice of that size.
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(args.mig_cap * GIB / total, 1.0))
+        result["memory_cap_gib"] = args.mig_cap
 
     def record(key: str, value: Any) -> None:
         result[key] = value

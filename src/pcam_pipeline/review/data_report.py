@@ -120,7 +120,9 @@ def build_data_report(
             split_rows(json_at(base, PREPROCESS_REPORT, git), preprocess, PREPROCESS_FIELDS),
         ),
     ]
-    stats = PROCESSED_DIR / "stats.json"
+    from pcam_pipeline.data.processed import ProcessedData
+
+    stats = ProcessedData(PROCESSED_DIR).stats_path
     if stats.is_file():
         channels = json.loads(stats.read_text())
         sections += [

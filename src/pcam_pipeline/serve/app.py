@@ -153,7 +153,7 @@ class Measured:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
-        route, start, status = self.route_of(scope), time.perf_counter(), 500
+        start, status = time.perf_counter(), 500
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -164,6 +164,10 @@ class Measured:
         try:
             await self.inner(scope, receive, send_status)
         finally:
+            # The router leaves the route it chose in the scope; a request refused before
+            # routing (token, body size) is matched here.
+            chosen = scope.get("route")
+            route = chosen.path if chosen is not None else self.route_of(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 

@@ -121,6 +121,9 @@ def load_model(export_dir: Path, precision: str, device: str, threads: int) -> S
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # Idle ONNX Runtime threads sleep rather than spin: a server shares its cores with the event
+    # loop that parses requests (and, in the load test, with the client).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(onnx_path), options, providers=providers(device))
     identity = {
         "name": card["model"]["name"],
