@@ -4,6 +4,7 @@ doubles (the integration tests run both against real git, DVC and GTO)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -61,17 +62,20 @@ def test_an_unknown_tag_names_the_fix():
 
 
 def test_the_directory_md5_is_dvcs(tmp_path):
-    """The .dir md5 dvc.lock records for the exported model, recomputed from the files."""
-    root = Path(__file__).resolve().parents[1]
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    out = next(o for o in lock["stages"]["export"]["outs"] if o["path"] == "models/export")
-    export = root / "models" / "export"
-    if not export.is_dir():
-        pytest.skip("models/export is not checked out here (make run makes it)")
-    assert registry.md5_dir(export) == out["md5"]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.txt").write_text("x")
-    assert registry.md5_dir(tmp_path).endswith(".dir")
+    """The .dir md5 of a directory as `dvc add` itself records it, recomputed from the files."""
+    import sys
+
+    tree = tmp_path / "repo" / "export"
+    (tree / "repository" / "pcam" / "1").mkdir(parents=True)
+    (tree / "model.onnx").write_bytes(bytes(range(256)) * 10)
+    (tree / "model_card.json").write_text('{"a": 1}\n')
+    (tree / "repository" / "pcam" / "1" / "model.onnx").write_bytes(b"\0" * 100)
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tree.parent, env=env, check=True)
+    subprocess.run([*dvc, "add", "-q", "export"], cwd=tree.parent, env=env, check=True)
+    recorded = yaml.safe_load((tree.parent / "export.dvc").read_text())["outs"][0]["md5"]
+    assert registry.md5_dir(tree) == recorded and recorded.endswith(".dir")
 
 
 def test_locked_md5s_reads_the_commits_dvc_lock():
