@@ -103,6 +103,17 @@ def exported_run(
 
 
 @pytest.fixture(scope="session")
+def served(exported_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only the exported model (models/export/), as a serving host has it.
+    Tests copy it before editing the model; `pcam serve` writes its params.yaml here."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("served")
+    shutil.copytree(exported_run / "models" / "export", run / "models" / "export")
+    return run
+
+
+@pytest.fixture(scope="session")
 def imagenet_resnet18(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A safetensors file as the hub holds timm's resnet18 weights (a 1000-class head), made
     from a seeded timm model: what `pcam weights download` fetches and train loads."""

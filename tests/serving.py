@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pcam_pipeline.serve.protocol import binary_request
 from tests.tiny_pipeline import write_params_file
 
 TOKEN = "test-token-0123456789abcdef"
@@ -109,21 +110,8 @@ def infer_json(patches: np.ndarray, datatype: str = "UINT8", **tensor: Any) -> b
 
 
 def infer_binary(patches: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """A binary-tensor-data infer request (what tritonclient sends by default)."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "patches",
-                    "shape": list(patches.shape),
-                    "datatype": "UINT8",
-                    "parameters": {"binary_data_size": patches.size},
-                }
-            ],
-            "outputs": [{"name": "probability", "parameters": {"binary_data": False}}],
-        }
-    ).encode()
-    return header + patches.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+    """A binary-tensor-data infer request (what tritonclient sends by default), JSON answer."""
+    return binary_request(patches, binary_output=False)
 
 
 def probabilities(body: bytes) -> np.ndarray:

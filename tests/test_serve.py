@@ -33,14 +33,6 @@ LIMITS = {"max_patches": 64, "max_body_mb": 8}
 
 
 @pytest.fixture(scope="module")
-def served(exported_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding only the exported model, as a serving host has it."""
-    run = tmp_path_factory.mktemp("served")
-    shutil.copytree(exported_run / "models" / "export", run / "models" / "export")
-    return run
-
-
-@pytest.fixture(scope="module")
 def server(served: Path):
     with running_server(served, **LIMITS) as (url, _):
         yield url

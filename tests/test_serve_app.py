@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import h5py
@@ -27,10 +26,8 @@ LIMITS = Limits(max_body_bytes=8 << 20, max_patches=64)
 
 
 @pytest.fixture(scope="module")
-def model(exported_run: Path, tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
-    export = tmp_path_factory.mktemp("app") / "export"
-    shutil.copytree(exported_run / "models" / "export", export)
-    return load_model(export, "fp32", "cpu", 1)
+def model(served: Path) -> ServedModel:
+    return load_model(served / "models" / "export", "fp32", "cpu", 1)
 
 
 @pytest.fixture(scope="module")

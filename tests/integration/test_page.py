@@ -83,14 +83,6 @@ def driver() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def served(exported_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding only the exported model, as a serving host has it."""
-    run = tmp_path_factory.mktemp("page-served")
-    shutil.copytree(exported_run / "models" / "export", run / "models" / "export")
-    return run
-
-
-@pytest.fixture(scope="module")
 def card(served: Path) -> dict[str, Any]:
     return json.loads((served / "models" / "export" / "model_card.json").read_text())
 

@@ -5,33 +5,17 @@ answered); with `PCAM_LOAD_RATE` set, each user sends that many requests a secon
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from locust import FastHttpUser, constant, constant_throughput, task
 
+from pcam_pipeline.serve.protocol import binary_request
+
 PATCHES = int(os.environ.get("PCAM_LOAD_PATCHES", "1"))
 RATE = float(os.environ.get("PCAM_LOAD_RATE", "0"))
 PIXELS = np.random.default_rng(2026).integers(0, 256, (PATCHES, 96, 96, 3), dtype=np.uint8)
-HEADER = json.dumps(
-    {
-        "inputs": [
-            {
-                "name": "patches",
-                "shape": list(PIXELS.shape),
-                "datatype": "UINT8",
-                "parameters": {"binary_data_size": PIXELS.size},
-            }
-        ],
-        "outputs": [{"name": "probability", "parameters": {"binary_data": True}}],
-    }
-).encode()
-BODY = HEADER + PIXELS.tobytes()
-HEADERS = {
-    "Inference-Header-Content-Length": str(len(HEADER)),
-    "Content-Type": "application/octet-stream",
-}
+BODY, HEADERS = binary_request(PIXELS, binary_output=True)
 
 
 class PatchClient(FastHttpUser):

@@ -10,7 +10,6 @@ commit's dvc.lock records, and nothing is left in OUT unless both match."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ from packaging.version import Version
 
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.paths import BEST_CHECKPOINT, EXPORT_DIR
+from pcam_pipeline.repro import md5_file
 
 VERSION_TAG = re.compile(r"^(?P<name>[a-z0-9][a-z0-9-]*)@(?P<version>v\d+\.\d+\.\d+\S*)$")
 STAGE_TAG = re.compile(r"^(?P<name>[a-z0-9][a-z0-9-]*)#(?P<stage>[a-z0-9-]+)#\d+$")
@@ -90,14 +90,6 @@ def locked_md5s(commit: str, runner: Runner = run) -> dict[str, str]:
     )
     stages = (yaml.safe_load(text) or {}).get("stages", {})
     return {o["path"]: o["md5"] for s in stages.values() for o in s.get("outs", []) if "md5" in o}
-
-
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def md5_dir(root: Path) -> str:

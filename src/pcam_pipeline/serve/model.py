@@ -3,7 +3,6 @@ and the identity a client sees (model md5, commit, test AUROC, threshold)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.repro import md5_file
 
 MODEL_NAME = "pcam"
 CARD_FILE = "model_card.json"
@@ -34,14 +34,6 @@ class ServedModel:
     def probabilities(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) -> float32 (N,); runs on the caller's thread."""
         return self.session.run([self.output_name], {self.input_name: patches})[0]
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def providers(device: str) -> list[str]:
@@ -112,7 +104,7 @@ def load_model(export_dir: Path, precision: str, device: str, threads: int) -> S
             f"{card_path}: not a model card the export stage wrote ({exc!r}); "
             "run `dvc repro export`"
         ) from None
-    actual = md5_of(onnx_path)
+    actual = md5_file(onnx_path)
     if actual != recorded:
         raise PipelineError(
             f"{onnx_path}: md5 {actual} is not the {recorded} its model card records: the file "

@@ -155,6 +155,29 @@ def parse_infer(header: Any, binary: bytes, input_name: str, max_patches: int) -
     )
 
 
+def binary_request(patches: np.ndarray, binary_output: bool) -> tuple[bytes, dict[str, str]]:
+    """A client's infer request for uint8 (N, 96, 96, 3) patches with binary tensor data, as
+    tritonclient sends it: (body, headers). The load test and the tests send it."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "patches",
+                    "shape": list(patches.shape),
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": patches.size},
+                }
+            ],
+            "outputs": [{"name": "probability", "parameters": {"binary_data": binary_output}}],
+        }
+    ).encode()
+    headers = {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+    return header + np.ascontiguousarray(patches, dtype=np.uint8).tobytes(), headers
+
+
 def infer_response(
     request: InferRequest, probabilities: np.ndarray, version: str, output_name: str
 ) -> tuple[bytes, dict[str, str]]:
