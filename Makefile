@@ -23,9 +23,14 @@ export TORCH_VARIANT
 # against it and does not import beside a +cpu torch (docs/development.md, 'The torch build').
 TORCH_BUILD_LOCK := $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),requirements-cu130.lock)
 
+# Exactly the locks' files, each checked against the sha256 the lock names (pip --require-hashes
+# --no-deps): a file the locks do not name is refused, naming the package and the fix (make lock).
+# The torch build lock comes first: its torch=== wins over the runtime lock's torch==.
+INSTALL_LOCKS := containers/install-lock.sh $(BIN)/python $(TORCH_BUILD_LOCK) requirements.lock
+
 $(STAMP): requirements.lock requirements-runtime.lock $(TORCH_BUILD_LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.lock $(addprefix --constraint ,$(TORCH_BUILD_LOCK))
+	$(INSTALL_LOCKS)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
@@ -94,15 +99,18 @@ sif:  ## Apptainer image pcam.sif from that image (needs apptainer; docs/contain
 	containers/build.sh sif
 
 # --- the locked environment (docs/development.md, 'Updating dependencies') ---------------------------
-lock: $(STAMP)  ## rewrite requirements-runtime.lock, requirements.lock, requirements-serve.lock from .venv
-	$(BIN)/python containers/lock.py split
+# uv pip compile --generate-hashes against PyPI, the existing pins held (UPGRADE="NAME ..." lets
+# those move); same inputs, same bytes.
+UPGRADE ?=
+lock: $(STAMP)  ## the four locks, hashed, from pyproject.toml (existing pins kept; UPGRADE=NAME moves one)
+	$(BIN)/python containers/lock.py lock $(addprefix --upgrade=,$(UPGRADE))
 
-lock-check: $(STAMP)  ## the locks agree with .venv and with each other (also a test)
-	$(BIN)/python containers/lock.py check
+lock-check: $(STAMP)  ## the locks agree with pyproject.toml and each other, every pin hashed, as make lock writes them
+	$(BIN)/python containers/lock.py check --resolve
 	$(BIN)/python containers/lock.py check-cuda requirements-cu130.lock
 
-lock-cu%: $(STAMP)  ## requirements-cuXXX.lock: torch's CUDA build resolved against its index
-	containers/resolve-cuda.sh cu$*
+lock-cu%: $(STAMP)  ## requirements-cuXXX.lock: torch's CUDA build from the PyTorch index, hashed (cu130: make lock)
+	$(BIN)/python containers/lock.py cuda cu$*
 
 # --- what CI does (.github/workflows/images.yml; containers/publish.sh) -----------------------------
 ci-test:  ## CI's test step: `make test` with integration tests required (.ci/run)

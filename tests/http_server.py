@@ -76,3 +76,25 @@ def gzip_files(directory: Path) -> dict[str, bytes]:
     import gzip
 
     return {f"{p.name}.gz": gzip.compress(p.read_bytes(), mtime=0) for p in directory.iterdir()}
+
+
+@contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """Serve DIRECTORY's files as they are (index.html for a folder, with its Content-Type, as a
+    PEP 503 simple index needs) on 127.0.0.1; yield the base URL; stop afterwards."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -55,7 +55,9 @@ ISOLATED = ("--read-only", "--network", "none", "--user", RUN_UID)
 # measures wall-clock throughput, so only its presence is checked. Checkpoints (*.pt) record the
 # Python version in their provenance (the image's Debian 3.11.2 vs the host's 3.11.x), so they are
 # compared by content: every tensor (weights, optimizer, RNG) and every other field must be equal.
-DETERMINISTIC_STAGES = ("fetch", "validate", "preprocess", "train", "evaluate", "export")
+DETERMINISTIC_STAGES = (
+    "fetch", "validate", "preprocess", "train", "evaluate", "export", "drift_reference"
+)  # fmt: skip
 VALID_DEF_SECTIONS = {
     "setup", "files", "environment", "post", "runscript", "startscript", "test", "labels",
     "help", "arguments",
@@ -66,8 +68,8 @@ def read_lock() -> dict[str, str]:
     """Normalised name -> version from requirements-runtime.lock (what the CPU image installs)."""
     locked = {}
     for line in (REPO_ROOT / "requirements-runtime.lock").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.strip().partition("==")
+        if line.strip() and not line.startswith(("#", " ")):  # "    --hash=..." lines follow
+            name, _, version = line.split()[0].partition("==")
             locked[name.lower().replace("_", "-")] = version
     return locked
 

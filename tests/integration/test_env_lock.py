@@ -14,7 +14,7 @@ import pytest
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.heavy
-RUNTIME_STAGES = {"train", "evaluate", "export", "export_bench", "benchmark"}
+RUNTIME_STAGES = {"train", "evaluate", "export", "export_bench", "benchmark", "drift_reference"}
 
 
 @pytest.fixture
@@ -33,11 +33,11 @@ def changed_stages(repo: Path) -> dict[str, list]:
 
 
 def bump(path: Path, name: str) -> str:
-    """Change the pin of NAME in PATH to another version; return the new line."""
+    """Change the pin of NAME in PATH to another version (its hashes kept); return the new line."""
     text = path.read_text()
-    line = re.search(rf"^{re.escape(name)}==(\S+)$", text, re.MULTILINE)
-    assert line, f"{name} is not pinned in {path.name}"
-    new = f"{name}=={line.group(1)}.post1"
+    line = re.search(rf"^{re.escape(name)}==(\S+) \\$", text, re.MULTILINE)
+    assert line, f"{name} is not pinned (with hashes) in {path.name}"
+    new = f"{name}=={line.group(1)}.post1 \\"
     path.write_text(text.replace(line.group(0), new))
     return new
 

@@ -236,7 +236,7 @@ def test_the_serving_image_is_small_and_holds_only_the_serving_stack(
         return f"{name.lower().replace('_', '-').replace('.', '-')}=={version}"
 
     locked = {
-        norm(line.strip())
+        norm(line.split()[0])
         for line in SERVE_LOCK.read_text().splitlines()
         if "==" in line and not line.startswith("#")
     }
