@@ -138,6 +138,9 @@ pcam_print_env() {
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1 |
             sed 's/^/           /' || true
+        # --query-gpu names a MIG slice's parent GPU only; the instances the node is split into
+        # (`MIG 1g.5gb Device 0: (UUID: MIG-...)`) come from the listing (docs/slurm.md#mig-slices).
+        nvidia-smi -L 2>/dev/null | grep -E '^[[:space:]]+MIG ' | sed 's/^[[:space:]]*/           /' || true
     else
         echo "           (nvidia-smi not found on this host)"
     fi

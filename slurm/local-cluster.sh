@@ -12,10 +12,13 @@
 # /etc/slurm. Client commands need
 # SLURM_CONF=$PCAM_SLURM_DIR/etc/slurm.conf (see `env`).
 #
-# The cluster: ClusterName=ci, node `localhost` (CPUs=2, RealMemory=4000, two fake GPUs as GRES backed
-# by character devices 195:N, feature scratch-node as on Snellius' NVMe nodes), partitions `ci` (default), `gpu_a100`, `gpu_h100`, and the course's `thin_course` and
-# `gpu_course` (so Snellius partition names work here), job records from `sacct -c` (jobcomp/filetxt). Daemons bind to
-# 127.0.0.1 only (CommunicationParameters=NoCtldInAddrAny,NoInAddrAny); munged uses a private socket.
+# The cluster: ClusterName=ci, node `localhost` (CPUs=2, RealMemory=4000, two fake GPUs as GRES of
+# type a100_1g.5gb, `gpu:a100_1g.5gb:2` as a site with MIG slices types them (PCAM_SLURM_GPU_TYPE;
+# an untyped `--gpus=1` still gets one), backed by character devices 195:N, feature scratch-node as
+# on Snellius' NVMe nodes), partitions `ci` (default), `gpu_a100`, `gpu_h100`, and the course's
+# `thin_course` and `gpu_course` (so Snellius partition names work here), job records from `sacct -c`
+# (jobcomp/filetxt). Daemons bind to 127.0.0.1 only (CommunicationParameters=NoCtldInAddrAny,
+# NoInAddrAny); munged uses a private socket.
 set -euo pipefail
 
 SLURM_DIR=${PCAM_SLURM_DIR:-/tmp/pcam-slurm}
@@ -24,6 +27,8 @@ SLURMD_PORT=${PCAM_SLURM_SLURMD_PORT:-6818}
 NODE_CPUS=${PCAM_SLURM_CPUS:-2}
 NODE_MEM_MB=${PCAM_SLURM_MEM_MB:-4000}
 START_TIMEOUT=${PCAM_SLURM_START_TIMEOUT:-30}
+# The GPUs' gres type: the course's MIG slice (`--gpus=a100_1g.5gb:1` asks for it by name).
+GPU_TYPE=${PCAM_SLURM_GPU_TYPE:-a100_1g.5gb}
 
 ETC=$SLURM_DIR/etc
 RUN=$SLURM_DIR/run
@@ -125,7 +130,7 @@ SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB Gres=gpu:2 Feature=scratch-node State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB Gres=gpu:$GPU_TYPE:2 Feature=scratch-node State=UNKNOWN
 PartitionName=ci Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu_a100 Nodes=localhost MaxTime=INFINITE State=UP
 PartitionName=gpu_h100 Nodes=localhost MaxTime=INFINITE State=UP
@@ -135,7 +140,7 @@ CONF
     mv "$CONF.tmp" "$CONF"
     cat >"$ETC/gres.conf" <<CONF
 AutoDetect=off
-NodeName=localhost Name=gpu File=$DEV/nvidia[0-1]
+NodeName=localhost Name=gpu Type=$GPU_TYPE File=$DEV/nvidia[0-1]
 CONF
 }
 

@@ -560,6 +560,31 @@ def test_gpu_check_fails_with_exit_3_on_a_machine_without_a_gpu():
     assert "[pcam-slurm] error: no NVIDIA driver is visible in the job (the venv x" in result.stderr
 
 
+def test_the_job_log_lists_the_mig_instances_it_was_given(tmp_path: Path):
+    """--query-gpu names a slice's parent GPU only: the log's GPU lines add `nvidia-smi -L`'s MIG
+    instances (here from the gpu_course stand-in, tests/integration/bin/nvidia-smi-standin)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").symlink_to(REPO_ROOT / "tests/integration/bin/nvidia-smi-standin")
+    subprocess.run(["git", "init", "-q", tmp_path], check=True)  # a job runs in a clone
+    script = f"source {SLURM / 'lib.sh'}; pcam_print_env {tmp_path}"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "PCAM_RUNTIME": "venv",
+        "PCAM_VENV": sys.prefix,
+        "PCAM_CACHE": str(tmp_path / "cache"),
+    }
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], env=env, text=True, capture_output=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "gpus:      CUDA_VISIBLE_DEVICES=0\n" in out.stdout
+    assert "           0, NVIDIA A100-SXM4-40GB, 40960 MiB, 550.127.08\n" in out.stdout
+    assert re.search(r"^ {11}MIG 1g\.5gb +Device +0: \(UUID: MIG-[0-9a-f-]+\)$", out.stdout, re.M)
+
+
 # --- the course profile (slurm/sites/snellius-course.env) --------------------------------------
 
 
@@ -575,17 +600,36 @@ def test_the_course_site_puts_cpu_jobs_on_thin_course_without_a_gpu(submit_env):
 
 def test_the_course_site_gives_gpu_course_one_mig_slice_and_its_share(submit_env):
     """gpu_course hands out MIG slices: CPUs and memory per slice come from one setting
-    (PCAM_GPU_SLICE), per GPU, instead of the per-node memory of the CPU partition."""
+    (PCAM_GPU_SLICE), the memory as the slices' worth per node (SBATCH_MEM_PER_NODE replaces the
+    scripts' `#SBATCH --mem=60G`; Slurm 22.05 keeps that beside an SBATCH_MEM_PER_GPU)."""
     repo, env = submit_env
     result = submit(repo, {**env, "PCAM_SLURM_SITE": "snellius-course"}, "benchmark")
     call = recorded(env)
     assert call["env"]["SBATCH_PARTITION"] == "gpu_course"
     assert call["env"]["SBATCH_GPUS"] == "1" and call["env"]["SBATCH_CPUS_PER_GPU"] == "2"
-    assert call["env"]["SBATCH_MEM_PER_GPU"] == "16G"
-    assert "SBATCH_MEM_PER_NODE" not in call["env"], "sbatch takes one way of sizing memory"
+    assert call["env"]["SBATCH_MEM_PER_NODE"] == "16G"
+    assert "SBATCH_MEM_PER_GPU" not in call["env"], "sbatch takes one way of sizing memory"
     assert not any(a.startswith("--mincpus") for a in call["argv"])
-    assert "gpu_course hands out GPU slices (MIG): 2 CPUs and 16G memory per slice" in result.stderr
+    assert (
+        "gpu_course hands out GPU slices (MIG): 2 CPUs per slice and 16G memory per slice "
+        "(--mem=16G for 1)" in result.stderr
+    )
     assert "the course's to confirm" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "gpus, memory",
+    [
+        (["--gpus=2"], "32G"),
+        (["-G", "a100_1g.5gb:3"], "48G"),
+        (["--gres=gpu:a100_1g.5gb:2"], "32G"),
+        (["--gpus-per-node", "2", "--nodes=2"], "32G"),
+    ],
+)
+def test_the_slice_memory_scales_with_the_slices_asked_for(submit_env, gpus, memory):
+    repo, env = submit_env
+    submit(repo, env, "--site", "snellius-course", *gpus, "benchmark")
+    assert recorded(env)["env"]["SBATCH_MEM_PER_NODE"] == memory
 
 
 def test_the_users_own_share_beats_the_slice_setting(submit_env):

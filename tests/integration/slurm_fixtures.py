@@ -1,10 +1,11 @@
 """Helpers for the Slurm tests: a real Slurm cluster, repositories to submit from.
 
 The cluster is slurm/local-cluster.sh (Debian's slurmctld + slurmd + munged on 127.0.0.1, two fake
-GPUs) in a fresh directory, on free ports; it is stopped when the session ends. Jobs are submitted
-with the project's own wrappers (slurm/submit.sh, slurm/*.sbatch) from clones of the pipeline
-repository that share its DVC cache, so stages already computed there are restored from the
-run-cache and only what a test is about (training, mostly) runs again.
+GPUs typed as the course's MIG slices, gpu:a100_1g.5gb) in a fresh directory, on free ports; it is
+stopped when the session ends. Jobs are submitted with the project's own wrappers (slurm/submit.sh,
+slurm/*.sbatch) from clones of the pipeline repository that share its DVC cache, so stages already
+computed there are restored from the run-cache and only what a test is about (training, mostly)
+runs again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LOCAL_CLUSTER = SLURM_SRC / "local-cluster.sh"
 VENV = REPO_ROOT / ".venv"
 DVC = VENV / "bin" / "dvc"
 APPTAINER_STANDIN = Path(__file__).resolve().parent / "bin" / "apptainer-standin"
+NVIDIA_SMI_STANDIN = Path(__file__).resolve().parent / "bin" / "nvidia-smi-standin"
 
 # Small jobs for a 2-core node: one CPU per GPU, so two jobs (two fake GPUs) run side by side.
 LOCAL_SITE = """\
