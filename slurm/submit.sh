@@ -6,6 +6,8 @@
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] benchmark
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] search STUDY_FILE [--array=0-7 ...]   (one worker a task)
 #   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] serve [PCAM_SERVE_OPTIONS...]   (--precision int8, ...)
+#   slurm/submit.sh [--site SITE] [SBATCH_OPTIONS...] slides LIST --out DIR [--per-task N] [PCAM_SLIDES_OPTIONS...]
+#       (an array, one task per N slides, then the cohort table; prints both job ids)
 #
 # e.g. `slurm/submit.sh --time=12:00:00 repro`, `slurm/submit.sh -p gpu_h100 benchmark`;
 # a course account: `slurm/submit.sh --site snellius-course -p thin_course repro` (SITE: a name in
@@ -31,7 +33,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -99,7 +101,7 @@ signal_lead() {
 sbatch_opts=()
 while (($#)); do
     case $1 in
-        repro | sweep | benchmark | search | serve) break ;;
+        repro | sweep | benchmark | search | serve | slides) break ;;
         -h | --help) usage ;;
         --site)
             [[ -n ${2:-} ]] || die "--site needs a site name (slurm/sites/) or a site file."
@@ -157,6 +159,42 @@ case $what in
         set -- "$study"
         ;;
     benchmark) (($# == 0)) || die "benchmark takes no arguments (choose the partition with -p PARTITION)." ;;
+    slides)
+        (($# >= 1)) || die "usage: slurm/submit.sh slides LIST --out DIR [--per-task N] [PCAM_SLIDES_OPTIONS...]"
+        list=$1
+        shift
+        [[ -e $list ]] || die "slide list '$list' not found (a file of slide paths, one a line, or a directory of slides)."
+        # The job runs in the repository root: paths as absolute ones, from here.
+        absolute() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+        list=$(absolute "$list")
+        per_task=1 out="" rest=()
+        while (($#)); do
+            case $1 in
+                --per-task) per_task=${2:-} && shift ;;
+                --per-task=*) per_task=${1#--per-task=} ;;
+                --out) out=$(absolute "${2:-}") && rest+=(--out "$out") && shift ;;
+                --out=*) out=$(absolute "${1#--out=}") && rest+=(--out "$out") ;;
+                --chunk | --chunk=* | --cohort-only) die "slides: the job sets $1 itself (one chunk a task, the table after the array)." ;;
+                *) rest+=("$1") ;;
+            esac
+            shift
+        done
+        [[ -n $out ]] || die "slides: give --out DIR, the results directory every task writes into."
+        [[ $per_task =~ ^[1-9][0-9]*$ ]] || die "slides: --per-task '$per_task' is not a positive number of slides."
+        if [[ -d $list ]]; then
+            n=$(find "$list" -maxdepth 1 -type f ! -name '.*' | wc -l)
+        else
+            n=$(grep -c -v -E '^[[:space:]]*(#|$)' "$list" || true)
+        fi
+        ((n > 0)) || die "$list lists no slides."
+        tasks=$(((n + per_task - 1) / per_task))
+        for o in "${sbatch_opts[@]}"; do
+            [[ $o == --array* || $o == -a* ]] && die "slides: the array is one task per $per_task slide(s) (--per-task N), not --array."
+        done
+        sbatch_opts+=("--array=0-$((tasks - 1))")
+        echo "submit.sh: $n slides of $list in $tasks array task(s) of $per_task; results in $out" >&2
+        set -- "$list" "$per_task" "${rest[@]}"
+        ;;
     serve)
         # The job chooses these (a per-job token file, the node's address, a free port).
         for o in "$@"; do
@@ -222,10 +260,19 @@ if ((gpus_per_node)); then unset SBATCH_GPUS; fi
 # drift apart, instead of a site file's per-node memory. An option (--cpus-per-gpu, --mem*) or the
 # user's environment (SBATCH_CPUS_PER_GPU, SBATCH_MEM_PER_NODE/_PER_GPU/_PER_CPU) still wins.
 from_user() { [[ -n ${!1:-} && -z ${SEEN[$1]:-} ]]; }
-have_mem=0
-for o in "${sbatch_opts[@]}"; do
-    case $o in --mem | --mem=* | --mem-per-*) have_mem=1 ;; esac
+have_mem=0 slices=${SBATCH_GPUS:-1}
+for ((i = 0; i < ${#sbatch_opts[@]}; i++)); do
+    o=${sbatch_opts[i]}
+    case $o in
+        --mem | --mem=* | --mem-per-*) have_mem=1 ;;
+        # The slices asked for (per node): the count ends the spec (2, a100_1g.5gb:2, gpu:2).
+        -G | --gpus | --gpus-per-node | --gres) slices=${sbatch_opts[i + 1]:-1} ;;
+        -G?*) slices=${o#-G} ;;
+        --gpus=* | --gpus-per-node=* | --gres=*) slices=${o#*=} ;;
+    esac
 done
+slices=${slices##*:}
+[[ $slices =~ ^[1-9][0-9]*$ ]] || slices=1
 IFS=, read -ra table <<<"${PCAM_GPU_SLICE:-}"
 if [[ $what == serve ]]; then table=(); fi # a server asks for its own share (above)
 for entry in "${table[@]}"; do
@@ -235,12 +282,22 @@ for entry in "${table[@]}"; do
     if ((!have_cpus)) && ! from_user SBATCH_CPUS_PER_GPU; then
         export SBATCH_CPUS_PER_GPU=${BASH_REMATCH[2]}
     fi
+    memory="the default"
     if ((!have_mem)) && ! from_user SBATCH_MEM_PER_NODE && ! from_user SBATCH_MEM_PER_GPU &&
         ! from_user SBATCH_MEM_PER_CPU; then
-        unset SBATCH_MEM_PER_NODE SBATCH_MEM_PER_CPU # sbatch takes one way of sizing memory
-        export SBATCH_MEM_PER_GPU=${BASH_REMATCH[3]}
+        # As memory per node, the slices' worth: sbatch (22.05) keeps the scripts' `#SBATCH
+        # --mem=60G` beside an SBATCH_MEM_PER_GPU, and refuses --mem-per-gpu beside it, while
+        # SBATCH_MEM_PER_NODE replaces it. sbatch takes one way of sizing memory.
+        unset SBATCH_MEM_PER_GPU SBATCH_MEM_PER_CPU
+        [[ ${BASH_REMATCH[3]} =~ ^([0-9]+)([KMGT]?)$ ]]
+        export SBATCH_MEM_PER_NODE=$((10#${BASH_REMATCH[1]} * slices))${BASH_REMATCH[2]}
+        memory="${BASH_REMATCH[1]}${BASH_REMATCH[2]} memory per slice (--mem=$SBATCH_MEM_PER_NODE for $slices)"
+    elif ((have_mem)); then
+        memory="the memory of your --mem option"
+    else
+        memory="your ${SBATCH_MEM_PER_NODE:-${SBATCH_MEM_PER_GPU:-${SBATCH_MEM_PER_CPU:-}}} memory"
     fi
-    echo "submit.sh: $partition hands out GPU slices (MIG): ${SBATCH_CPUS_PER_GPU:-?} CPUs and ${SBATCH_MEM_PER_GPU:-${SBATCH_MEM_PER_NODE:-the default}} memory per slice (PCAM_GPU_SLICE=$entry; the course's to confirm, docs/slurm.md#mig-slices)." >&2
+    echo "submit.sh: $partition hands out GPU slices (MIG): ${SBATCH_CPUS_PER_GPU:-?} CPUs per slice and $memory (PCAM_GPU_SLICE=$entry; the course's to confirm, docs/slurm.md#mig-slices)." >&2
 done
 # CPUs per GPU follow the partition's nodes (site.env: PCAM_CPUS_PER_GPU=gpu_a100:18,gpu_h100:16),
 # unless given as an option, in the environment or in a site file.
@@ -295,6 +352,18 @@ cd "$repo"
 jobid=$(sbatch --parsable "${sbatch_opts[@]}" "$script" "$@") || die "sbatch failed (see its message above)."
 jobid=${jobid%%;*}
 echo "$jobid"
+if [[ $what == slides ]]; then
+    # The cohort table once every task has ended, whatever their states (a failed slide fails its
+    # task, and the table must still name it).
+    cohort_opts=()
+    for o in "${sbatch_opts[@]}"; do [[ $o == --array=* ]] || cohort_opts+=("$o"); done
+    cohort=$(PCAM_SLIDES_COHORT=1 PCAM_SLIDES_ARRAY=$jobid sbatch --parsable "${cohort_opts[@]}" \
+        --dependency="afterany:$jobid" --job-name=pcam-slides-cohort --output=logs/%x-%j.out \
+        "$script" "$@") || die "sbatch of the cohort job failed (the array $jobid runs; its table: pcam slides LIST --out DIR --cohort-only)."
+    cohort=${cohort%%;*}
+    echo "$cohort"
+    echo "submit.sh: the cohort table job $cohort runs after array $jobid: logs/pcam-slides-cohort-$cohort.out" >&2
+fi
 echo "submit.sh: submitted $what as job $jobid (commit ${PCAM_COMMIT:0:12}); log in $repo/logs/; follow with: squeue -j $jobid; afterwards: sacct -j $jobid" >&2
 if [[ $what == serve ]]; then
     echo "submit.sh: once the server is up, the job's log has the SSH tunnel to run on your machine, the URL and the token file; stop it with: scancel $jobid" >&2

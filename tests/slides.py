@@ -8,6 +8,7 @@ import numpy as np
 import tifffile
 
 TILE = 256
+PATCH = 96  # the exported model's patch side at its 1 um/px
 # Downsamples of the pyramid's levels below level 0: slide readers (tiffslide, OpenSlide) pick
 # thumbnails and tissue masks from these, so a flat single-level TIFF would not exercise them.
 DOWNSAMPLES = (2, 4)
@@ -67,6 +68,36 @@ def slide_pixels(width: int, height: int, seed: int = 0) -> np.ndarray:
     return image
 
 
+def tissue_mask(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """The (height, width) bool tissue mask of `slide_pixels(width, height, seed)` and of
+    `tumour_slide_pixels`: the ground truth a segmentation is measured against."""
+    return _blobs(width, height, np.random.default_rng(seed))
+
+
+def tumour_slide_pixels(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """`slide_pixels`' two blobs filled instead with the synthetic PCAM generator's patches
+    (src/pcam_pipeline/data/synthetic.py) on a 96-pixel grid from the origin, the grid WSInfer
+    patches a 1 um/px slide on: the right blob (patch centres right of the middle) with
+    positive-class patches (tumour nuclei in the centre), the left one with negatives. A model
+    trained on that generator then scores the right blob hot and the left one cold."""
+    from pcam_pipeline.data.synthetic import generate_split
+
+    tissue = tissue_mask(width, height, seed)
+    size = PATCH
+    cols, rows = -(-width // size), -(-height // size)
+    positive, _ = generate_split(seed, "test", rows * cols, positive_fraction=1.0)
+    negative, _ = generate_split(seed + 1, "test", rows * cols, positive_fraction=0.0)
+    right = (np.arange(cols) * size + size // 2) > width // 2
+    grid = (rows, cols, size, size, 3)
+    cells = np.where(
+        right[None, :, None, None, None], positive.reshape(grid), negative.reshape(grid)
+    )
+    mosaic = cells.transpose(0, 2, 1, 3, 4).reshape(rows * size, cols * size, 3)[:height, :width]
+    image = slide_pixels(width, height, seed)
+    image[tissue] = mosaic[tissue]
+    return image
+
+
 def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
     """Mean of each factor x factor block: a pyramid level as most slide writers make one."""
     h, w = image.shape[0] // factor * factor, image.shape[1] // factor * factor
@@ -75,7 +106,12 @@ def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def write_test_slide(
-    path: Path | str, width: int, height: int, mpp: float = 1.0, seed: int = 0
+    path: Path | str,
+    width: int,
+    height: int,
+    mpp: float | None = 1.0,
+    seed: int = 0,
+    pixels: np.ndarray | None = None,
 ) -> Path:
     """Write a pyramidal, tiled (256 x 256), deflate-compressed RGB TIFF of white background
     with two H&E-coloured tissue blobs; `mpp` um/px at level 0, in the resolution tags.
@@ -84,15 +120,18 @@ def write_test_slide(
     level 0; JPEG would make the expected pixels depend on the decoder. The reduced levels are
     SubIFDs of level 0, the layout tifffile and tiffslide read as one pyramid, and tiffslide
     takes mpp from ResolutionUnit CENTIMETER and X/YResolution (pixels per cm = 1e4 / mpp).
+    `mpp=None`: no resolution tags, a slide without a physical spacing. `pixels`: level 0
+    instead of `slide_pixels(width, height, seed)` (e.g. `tumour_slide_pixels`).
     """
     path = Path(path)
-    base = slide_pixels(width, height, seed)
-    pixels_per_cm = 1e4 / mpp
+    base = slide_pixels(width, height, seed) if pixels is None else pixels
+    # Without a spacing: resolution unit NONE, which slide readers take as "unknown".
+    pixels_per_cm = 1.0 if mpp is None else 1e4 / mpp
     options = {
         "tile": (TILE, TILE),
         "photometric": "rgb",
         "compression": "zlib",
-        "resolutionunit": "CENTIMETER",
+        "resolutionunit": "NONE" if mpp is None else "CENTIMETER",
     }
     with tifffile.TiffWriter(path) as tif:
         tif.write(

@@ -38,11 +38,12 @@ def test_every_stage_output_in_dvc_yaml_is_a_path_constant():
         "export": {paths.EXPORT_DIR, paths.EXPORT_REPORT},
         "export_bench": {paths.EXPORT_BENCH_FILE},
         "benchmark": {paths.BENCHMARK_DIR, paths.BENCHMARK_FILE},
+        "drift_reference": {paths.DRIFT_DIR},
     }
     declared = declared_outputs()
     assert list(declared) == [
         "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench",
-        "benchmark",
+        "benchmark", "drift_reference",
     ]  # fmt: skip
     for stage, outs in expected.items():
         assert declared[stage] == {str(p) for p in outs}, stage

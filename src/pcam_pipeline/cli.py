@@ -14,11 +14,20 @@ import yaml
 from pcam_pipeline import numerics
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import ParamsError, launched_params, load_params, overridden
-from pcam_pipeline.paths import EXPORT_DIR, PARAMS_FILE, RAW_DIR, RUNTIME_LOCK
+from pcam_pipeline.paths import (
+    BEST_CHECKPOINT,
+    DRIFT_DIR,
+    DRIFT_PLOTS_DIR,
+    EXPORT_DIR,
+    PARAMS_FILE,
+    RAW_DIR,
+    RUNTIME_LOCK,
+)
 from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted
 
 STAGES = (
-    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark"
+    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark",
+    "drift_reference",
 )  # fmt: skip
 EXPERIMENT_COMMANDS = ("seeds", "summarize", "search")
 
@@ -52,11 +61,44 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "flips", "d8"],
         help="mean probability over the square's symmetries (as evaluate.tta; none by default)",
     )
+    slides = commands.add_parser(
+        "slides", help="whole slides through WSInfer: summaries, heatmaps, GeoJSON, a cohort table"
+    )
+    slides.add_argument("source", type=Path, help="a directory of slides or a file listing them")
+    slides.add_argument("--out", type=Path, required=True, help="results directory")
+    slides.add_argument(
+        "--model-dir", type=Path, default=EXPORT_DIR / "wsinfer", help="[models/export/wsinfer]"
+    )
+    slides.add_argument("--card", type=Path, help="model card with the threshold [its export's]")
+    slides.add_argument("--threshold", type=float, help="instead of the model card's")
+    slides.add_argument("--spacing-um-px", type=float, help="for slides whose files hold none")
+    slides.add_argument("--batch-size", type=int, default=64, help="[64]")
+    slides.add_argument("--num-workers", type=int, default=0, help="patch readers [0: in-process]")
+    slides.add_argument("--top-k", type=int, default=10, help="top-k mean probability [10]")
+    slides.add_argument(
+        "--no-speedup", action="store_true", help="skip WSInfer's TorchScript freeze/optimise"
+    )
+    slides.add_argument(
+        "--chunk", type=int, nargs=2, metavar=("INDEX", "SIZE"), help="only slides INDEX*SIZE.."
+    )
+    slides.add_argument("--cohort-only", action="store_true", help="only the cohort table")
+    drift = commands.add_parser(
+        "drift", help="test patches against the model's drift reference; exit 3 on drift"
+    )
+    drift.add_argument("input", type=Path, help="a PCAM-format HDF5 file or a folder of patches")
+    drift.add_argument("--out", type=Path, required=True, help="the JSON report to write")
+    drift.add_argument("--reference", type=Path, default=DRIFT_DIR, help="[models/drift]")
+    drift.add_argument(
+        "--checkpoint", type=Path, default=BEST_CHECKPOINT,
+        help="the reference's model, for the confidence and embedding tests [models/best.pt]",
+    )  # fmt: skip
+    drift.add_argument("--plots", type=Path, default=DRIFT_PLOTS_DIR, help="[reports/drift]")
     bundle = commands.add_parser(
         "bundle", help="the exported model, its card and a stand-alone runner: DIR and DIR.tar.gz"
     )
     bundle.add_argument("dir", type=Path, help="the bundle directory to write")
     bundle.add_argument("--export-dir", type=Path, default=EXPORT_DIR, help="[models/export]")
+    bundle.add_argument("--drift-dir", type=Path, default=DRIFT_DIR, help="[models/drift]")
     model_get = commands.add_parser(
         "model-get", help="a registered model version (GTO tag), fetched and md5-checked"
     )
@@ -77,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads [one a core]")
     serve.add_argument("--token-file", type=Path, help="bearer token file [else $PCAM_SERVE_TOKEN]")
+    serve.add_argument(
+        "--drift-reference", type=Path, help="drift reference [EXPORT_DIR/drift, ../drift]"
+    )
     report = commands.add_parser(
         "report", help="compare against a base revision offline: reports/compare/report.md"
     )
@@ -165,20 +210,35 @@ def main(argv: list[str] | None = None) -> int:
 
             weights.main(args.tag)
             return 0
+        if args.command == "slides":
+            numerics.pin("portable")
+            from pcam_pipeline.slides import run
+
+            options = run.Options(
+                args.model_dir, args.card, args.threshold, args.spacing_um_px,
+                args.batch_size, args.num_workers, args.top_k, not args.no_speedup,
+            )  # fmt: skip
+            chunk = tuple(args.chunk) if args.chunk else None
+            run.main(args.source, args.out, options, chunk, args.cohort_only)
+            return 0
+        if args.command == "drift":
+            numerics.pin("portable")
+            from pcam_pipeline.drift import check
+
+            chosen = check.DriftOptions(args.reference, args.checkpoint, args.plots)
+            return check.main(args.input, args.out, chosen, load_params(args.params).drift)
         if args.command == "bundle":
             from pcam_pipeline.export import bundle
 
-            bundle.main(args.export_dir, args.dir, RUNTIME_LOCK)
+            bundle.main(args.export_dir, args.dir, RUNTIME_LOCK, args.drift_dir)
             return 0
         if args.command == "serve":
             from pcam_pipeline.serve import server
 
             chosen = {k: getattr(args, k) for k in ("host", "port", "precision")}
             settings = overridden(load_params(args.params).serve, chosen, "pcam serve's options")
-            server.main(
-                settings,
-                server.ServeOptions(args.export_dir, args.device, args.threads, args.token_file),
-            )
+            serving = (args.export_dir, args.device, args.threads, args.token_file)
+            server.main(settings, server.ServeOptions(*serving, args.drift_reference))
             return 0
         if args.command == "model-get":
             from pcam_pipeline.export import registry

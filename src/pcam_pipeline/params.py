@@ -245,6 +245,22 @@ class ServeParams(_Section):
     max_queue_delay_us: int = Field(ge=0)  # how long a batch waits to fill once a request is in
     max_patches: int = Field(gt=0)  # per request
     max_body_mb: float = Field(gt=0)  # per request; larger bodies are refused unread
+    # drift over a rolling window of requests, with a reference (docs/drift.md); 0 turns it off
+    drift_window: int = Field(ge=0)  # the last this many sampled patches are tested
+    drift_per_request: int = Field(gt=0)  # patches of each request whose features are kept
+    drift_min_patches: int = Field(gt=1)  # no test before the window holds this many
+
+
+class DriftParams(_Section):
+    # drift_reference and `pcam drift` (docs/drift.md)
+    reference_patches: int = Field(gt=1)  # seeded sample of the train split: image features
+    model_patches: int = Field(gt=1)  # seeded sample of valid: confidences, embeddings
+    input_patches: int = Field(gt=1)  # pcam drift tests at most this many (a seeded sample)
+    seed: int
+    alpha: float = Field(gt=0, lt=1)  # the false-alarm rate over all tests together
+    correction: Literal["holm", "bonferroni"]  # for the number of tests
+    mmd_permutations: int = Field(gt=0)  # the embedding MMD's permutation p-value
+    batch_size: int = Field(gt=0)  # patches per forward pass for the embeddings
 
 
 class Params(_Section):
@@ -259,6 +275,7 @@ class Params(_Section):
     export: ExportParams
     export_bench: ExportBenchParams
     serve: ServeParams
+    drift: DriftParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

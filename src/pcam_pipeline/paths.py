@@ -29,5 +29,8 @@ EXPORT_DIR = MODELS_DIR / "export"  # export: the model as its users run it (doc
 EXPORT_REPORT = Path("reports/export.json")
 EXPORT_BENCH_FILE = Path("reports/export_bench.json")  # export_bench: parity and speed here
 
+DRIFT_DIR = MODELS_DIR / "drift"  # drift_reference: the profile inputs are tested against
+DRIFT_PLOTS_DIR = Path("reports/drift")  # `pcam drift`: reference-vs-input histograms
+
 # Train and evaluate read the processed data from here when set (node-local staging on Slurm).
 TRAIN_DATA_DIR_ENV = "PCAM_TRAIN_DATA_DIR"

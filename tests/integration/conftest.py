@@ -122,3 +122,27 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     make_run_log(repo).write_text(result.stdout + result.stderr)
     shutil.rmtree(repo / ".venv")
     yield repo
+
+
+# The exported model's files, relative to a repository after `make run`: what the tests of its
+# clients (WSInfer, `pcam slides`) need.
+EXPORTED = {
+    "torchscript": Path("models/export/wsinfer/torchscript_model.pt"),
+    "config": Path("models/export/wsinfer/config.json"),
+    "checkpoint": Path("models/best.pt"),
+    "report": Path("reports/export.json"),
+    "card": Path("models/export/model_card.json"),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(pipeline_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The exported model, its checkpoint, export report and card, copied out of the shared
+    `pipeline_repo` so that nothing the tests run can touch it; all in one directory, which is
+    also a WSInfer model directory (config.json, torchscript_model.pt)."""
+    target = tmp_path_factory.mktemp("exported")
+    copies = {}
+    for key, relative in EXPORTED.items():
+        copies[key] = target / relative.name
+        shutil.copy2(pipeline_repo / relative, copies[key])
+    return copies

@@ -15,13 +15,14 @@ from tests.integration.conftest import make_run_log, run
 pytestmark = pytest.mark.heavy
 REPRO_CHECK = REPO_ROOT / "scripts" / "repro-check.py"
 STAGES = [
-    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark"
+    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark",
+    "drift_reference",
 ]  # fmt: skip
 # A fresh clone has the git-tracked outputs (reports, metrics, plots) but not the DVC-cached ones
 # (datasets, checkpoints, the exported model): these stages must run. The others are skipped
 # because their deps (the recomputed datasets, checkpoint and export, byte for byte) and committed
 # outputs match dvc.lock; test_validate_evaluate_and_benchmark_really_run runs them.
-RECOMPUTED = ["fetch", "preprocess", "train", "export"]
+RECOMPUTED = ["fetch", "preprocess", "train", "export", "drift_reference"]
 # The measuring stages (export_bench, benchmark) are skipped too: their inputs are the same bytes.
 SKIPPED = ["validate", "evaluate", "export_bench", "benchmark"]
 MEASURING = ["export_bench", "benchmark"]  # their outputs are timings: rerun, they differ

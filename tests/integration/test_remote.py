@@ -500,7 +500,8 @@ def test_killed_while_holding_the_repo_lock(tmp_path: Path, hardlink_lock: bool)
 # What DVC caches (and so pushes and pulls); the rest of the outputs are committed to git.
 CACHED_OUTPUTS = ["data/pcam", "data/processed", "models/best.pt", "models/last.pt", "data/raw"]
 STAGES = [
-    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark"
+    "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark",
+    "drift_reference",
 ]  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import pytest
 from pcam_pipeline.repro import load_checkpoint
 from tests.integration.slurm_fixtures import (
     APPTAINER_STANDIN,
+    NVIDIA_SMI_STANDIN,
     VENV,
     SlurmCluster,
     Workspace,
@@ -424,39 +425,89 @@ def test_course_profile_repro_on_thin_course_with_the_scaled_signal_lead(workspa
     assert "signal:    B:USR1@120" in log
 
 
+def running_job(cluster: SlurmCluster, job_id: str, timeout: float = 300) -> str:
+    """`scontrol show job -d` of a job once it has its resources (the allocated gres, the
+    CPUs and memory per GPU); fails if it left the queue first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = run(["scontrol", "show", "job", "-d", job_id], env=cluster.env, check=False)
+        if "JobState=PENDING" not in shown.stdout and shown.returncode == 0:
+            return shown.stdout
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not start in {timeout} s")
+
+
 def test_course_benchmarks_on_both_partitions_make_the_throughput_table(
-    workspace: Workspace, slurm_cluster: SlurmCluster
+    workspace: Workspace, slurm_cluster: SlurmCluster, tmp_path: Path
 ):
-    """Both course partitions at once; each job's result is named by partition and job, and
-    reports/benchmark-partitions.md has a row for each."""
+    """Both course partitions at once, as the course profile asks for them: thin_course with no
+    GPU, gpu_course with one MIG slice of the node's typed gres (gpu:a100_1g.5gb, from an untyped
+    --gpus=1) and the slice's share from its one setting, PCAM_GPU_SLICE. Each job's result is
+    named by partition and job, and reports/benchmark-partitions.md/.json have a row for each."""
     ws = workspace
+    # gpu_course's node answers nvidia-smi as a sliced A100 does (the stand-in; there is no GPU).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").symlink_to(NVIDIA_SMI_STANDIN)
+    # This 2-core node's shares: thin_course's cores, and a slice of 1 CPU and 1000M.
+    shares = {
+        "thin_course": {"PCAM_CPU_PARTITION_CPUS": "thin_course:1", "SBATCH_MEM_PER_NODE": "1000M"},
+        "gpu_course": {
+            "PCAM_GPU_SLICE": "gpu_course:1:1000M",
+            "PATH": f"{bin_dir}:{ws.env['PATH']}",
+        },
+    }
     jobs = {
         partition: ws.submit(
-            "--site", "snellius-course", "-p", partition, "benchmark", **COURSE_ON_THIS_NODE
+            "--site",
+            "snellius-course",
+            "-p",
+            partition,
+            "benchmark",
+            PCAM_REQUIRE_CUDA="0",
+            **share,
         )
-        for partition in ("thin_course", "gpu_course")
+        for partition, share in shares.items()
     }
+    # What Slurm gave each job: one typed slice, its CPUs and memory per GPU; no GPU on thin_course.
+    shown = {partition: running_job(slurm_cluster, job) for partition, job in jobs.items()}
+    assert re.search(r"JOB_GRES=gpu:a100_1g\.5gb:1\b", shown["gpu_course"]), shown["gpu_course"]
+    assert "GRES=gpu:a100_1g.5gb:1(IDX:" in shown["gpu_course"]
+    assert "CpusPerTres=gres:gpu:1" in shown["gpu_course"]
+    assert "MinMemoryNode=1000M" in shown["gpu_course"]  # one slice's worth
+    assert not re.search(r"GRES=gpu:\S*:[1-9]", shown["thin_course"]), shown["thin_course"]
     for partition, job in jobs.items():
         record = slurm_cluster.wait(job, log=ws.log(f"pcam-benchmark-{job}.out"))
         log = job_log(ws, "pcam-benchmark", job)
         assert (record.state, record.partition) == ("COMPLETED", partition), log
-        result = ws.path / "reports" / f"benchmark-{partition}-{job}.json"
-        assert read_json(result), log
+        assert slurm_cluster.completion(job)["Tres"].startswith("cpu=1,mem=1000M,"), partition
+        result = read_json(ws.path / "reports" / f"benchmark-{partition}-{job}.json")
+        assert result["environment"]["slurm_job_partition"] == partition, log
         assert any((ws.path / "reports" / f"benchmark-{partition}-{job}").iterdir())
         assert "Running stage 'benchmark'" in log
-    # Slurm gave gpu_course one (fake) GPU and thin_course none (the log's `gpus:` line).
+    # Slurm gave gpu_course one (fake) GPU and thin_course none (the log's `gpus:` line); the
+    # gpu_course log names the MIG instance its node listed.
+    logs = {p: job_log(ws, "pcam-benchmark", j) for p, j in jobs.items()}
     gpus = {
-        p: re.search(r"^gpus: +CUDA_VISIBLE_DEVICES=(\S+)$", job_log(ws, "pcam-benchmark", j), re.M)
-        for p, j in jobs.items()
+        p: re.search(r"^gpus: +CUDA_VISIBLE_DEVICES=(\S+)$", text, re.M) for p, text in logs.items()
     }
     assert gpus["thin_course"] and gpus["thin_course"][1] == "unset", gpus
     assert gpus["gpu_course"] and gpus["gpu_course"][1] in ("0", "1"), gpus
+    assert re.search(r"^ +MIG 1g\.5gb +Device +0: \(UUID: MIG-", logs["gpu_course"], re.M)
+    assert "MIG 1g.5gb" not in logs["thin_course"]
     table = (ws.path / "reports" / "benchmark-partitions.md").read_text().splitlines()
-    assert table[0] == "| partition | node type | train img/s | job id |"
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert table[0].startswith(
+        "| partition | node type | train img/s, batch 1 | train img/s, batch "
+    )
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:] if line.startswith("|")}
     assert rows.keys() == jobs.keys(), table
     for partition, job in jobs.items():
         assert rows[partition].endswith(f" | {job} |") and " cores | " in rows[partition]
+    # Both trained on this CPU (no CUDA here): the table says it has no GPU result to compare.
+    assert table[-1].startswith("No crossover: the table needs a GPU result"), table
+    data = read_json(ws.path / "reports" / "benchmark-partitions.json")
+    assert [(r["partition"], r["job_id"]) for r in data["rows"]] == list(jobs.items())
+    assert all(r["img_s_batch1"] > 0 for r in data["rows"]), data
     # The workspace itself was not touched: the stages ran in clones.
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ws.path).stdout == ""
     assert not any((ws.path / ".pcam-work").glob("*"))
@@ -529,3 +580,77 @@ def test_serve_job_prints_its_tunnel_answers_with_its_token_and_drains_on_scance
     assert not (ws.path / ".pcam-work" / f"serve-{job}").exists()
     with pytest.raises(urllib.error.URLError):  # nothing listens there any more
         http_get(f"{base}/v2/health/ready")
+
+
+def test_a_slides_array_scores_each_slide_in_its_task_and_names_the_bad_one(
+    workspace: Workspace,
+):
+    """`submit.sh slides LIST --out DIR`: an array of three tasks (one slide each: two generated
+    slides, one unreadable file) with the workspace's exported model, then the cohort job. The
+    bad slide fails its task and is named in the table and the cohort job's log; the others are
+    done, with their outputs."""
+    from tests.slides import tumour_slide_pixels, write_test_slide
+
+    ws = workspace
+    folder = ws.path.parent / "slides"
+    folder.mkdir()
+    write_test_slide(folder / "left.tif", 1280, 1280, seed=1)
+    write_test_slide(folder / "tumour.tif", 1536, 1280, pixels=tumour_slide_pixels(1536, 1280))
+    (folder / "broken.svs").write_bytes(b"not a slide")
+    listing = ws.path.parent / "slides.txt"
+    listing.write_text("\n".join(str(folder / n) for n in ("left.tif", "broken.svs", "tumour.tif")))
+    out = ws.path.parent / "scored"
+    # pcam slides (torch, WSInfer) needs more than the local site's 1000M.
+    env = {**ws.env, "SBATCH_MEM_PER_NODE": "1500M"}
+    submitted = run(
+        [ws.path / "slurm" / "submit.sh", "slides", listing, "--out", out], ws.path, env
+    )
+    array, cohort = submitted.stdout.split()
+    record = ws.cluster.wait(cohort, timeout=900)
+    tasks = ws.cluster.array_tasks(array)
+    logs = {n: ws.log(f"pcam-slides-{array}_{n}.out") for n in tasks}
+    text = {n: log.read_text() if log.exists() else "(no log)" for n, log in logs.items()}
+    states = {n: (task["JobState"], task["ExitCode"]) for n, task in tasks.items()}
+    assert states[0] == states[2] == ("COMPLETED", "0:0"), text
+    assert states[1][0] == "FAILED" and "broken.svs" in text[1], text[1]
+    cohort_log = job_log(ws, "pcam-slides-cohort", cohort)
+    assert record.state == "FAILED", cohort_log
+    assert "1 of 3 slide(s) not scored" in cohort_log and "broken.svs" in cohort_log
+    table = {row["slide_id"]: row for row in json.loads((out / "cohort.json").read_text())}
+    assert {k: v["status"] for k, v in table.items()} == {
+        "left": "done", "broken": "failed", "tumour": "done"
+    }  # fmt: skip
+    for slide_id in ("left", "tumour"):
+        for folder_name, suffix in (("heatmaps", "png"), ("model-outputs-geojson", "geojson")):
+            assert (out / folder_name / f"{slide_id}.{suffix}").is_file()
+    # The pipeline's model scores the positive blob (right) above the negative one (left).
+    summary = read_json(out / "summaries" / "tumour.json")
+    assert summary["patches_above_threshold"] > 0
+
+
+def test_usr1_to_a_slides_task_requeues_it_and_the_rerun_skips_the_finished_slide(
+    workspace: Workspace,
+):
+    """The time-limit signal while a task scores the first of its three slides: it finishes that
+    slide, exits 75 and requeues itself; the rerun skips it and scores the other two."""
+    from tests.slides import write_test_slide
+
+    ws = workspace
+    folder = ws.path.parent / "slides"
+    folder.mkdir()
+    for seed in range(3):
+        write_test_slide(folder / f"s{seed}.tif", 1536, 1536, seed=seed)
+    out = ws.path.parent / "scored"
+    env = {**ws.env, "SBATCH_MEM_PER_NODE": "1500M"}
+    command = [ws.path / "slurm" / "submit.sh", "slides", folder, "--out", out, "--per-task", "3"]
+    array, cohort = run(command, ws.path, env).stdout.split()
+    log = ws.log(f"pcam-slides-{array}_0.out")
+    wait_for_line(log, r"Patch path", 300, ws.cluster, array)  # inside WSInfer's inference
+    run(["scancel", "--signal=USR1", "--batch", f"{array}_0"], env=ws.env)
+    record = ws.cluster.wait(cohort, timeout=600)
+    text = log.read_text()
+    assert record.state == "COMPLETED", job_log(ws, "pcam-slides-cohort", cohort)
+    assert "preempted: stopped before" in text and "requeueing" in text, text
+    assert "restart 1" in text and "task 0 done" in text
+    rows = json.loads((out / "cohort.json").read_text())
+    assert [r["status"] for r in rows] == ["done"] * 3

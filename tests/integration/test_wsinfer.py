@@ -39,28 +39,6 @@ CMU_SLIDE = DATA / "cmu_small_region.svs"
 SYNTHETIC = "synthetic"
 SYNTHETIC_SIZE = (2048, 1536)  # width, height at level 0
 TOLERANCE = 1e-5
-# The repository files the test needs, relative to a repository after `make run`.
-EXPORTED = {
-    "torchscript": Path("models/export/wsinfer/torchscript_model.pt"),
-    "config": Path("models/export/wsinfer/config.json"),
-    "checkpoint": Path("models/best.pt"),
-    "report": Path("reports/export.json"),
-}
-
-
-@pytest.fixture(scope="module")
-def exported(pipeline_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return _copy_exported(pipeline_repo, tmp_path_factory.mktemp("exported"))
-
-
-def _copy_exported(repo: Path, target: Path) -> dict[str, Path]:
-    """The exported model, its checkpoint and export report, copied out of `repo` so that
-    nothing the tests run can touch the shared repository."""
-    copies = {}
-    for key, relative in EXPORTED.items():
-        copies[key] = target / relative.name
-        shutil.copy2(repo / relative, copies[key])
-    return copies
 
 
 def wsinfer_env(home: Path) -> dict[str, str]:

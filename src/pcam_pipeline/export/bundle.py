@@ -4,8 +4,10 @@ USB stick").
 
 DIR holds every file of models/export (checked against the model card's md5s, so a stale or
 edited export is refused), `pcam_runner.py` (one file: numpy, pillow and onnxruntime only),
-`requirements.txt` pinning those three as the runtime lock does, and a README. DIR.tar.gz is
-written byte for byte the same for the same files (sorted, no times, no owners).
+`requirements.txt` pinning those three as the runtime lock does, a README, and `drift/`, the
+model's drift reference (models/drift, when drift_reference wrote it for this checkpoint: what
+`pcam drift` and `pcam serve` test inputs against). DIR.tar.gz is written byte for byte the
+same for the same files (sorted, no times, no owners).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from pcam_pipeline.drift.profile import ARRAYS_FILE, META_FILE, load_reference
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.export import runner
 from pcam_pipeline.export.build import CARD_JSON, CARD_MD, FP32_FILE, md5_bytes
@@ -23,6 +26,7 @@ from pcam_pipeline.repro import atomic_path, read_json
 
 RUNNER_FILE = "pcam_runner.py"
 RUNNER_PACKAGES = ("numpy", "pillow", "onnxruntime")
+DRIFT_SUBDIR = "drift"
 
 
 def runner_requirements(lock: Path) -> str:
@@ -31,7 +35,9 @@ def runner_requirements(lock: Path) -> str:
     for line in lock.read_text().splitlines():
         name, _, version = line.partition("==")
         if version and not line.startswith("#"):
-            pins[name.strip().lower()] = version.strip()
+            # "numpy==2.4.6 \": its hashes follow on the next lines (the runner's venv installs
+            # these three with whatever they need, so not in hash-checking mode)
+            pins[name.strip().lower()] = version.split()[0]
     missing = [name for name in RUNNER_PACKAGES if name not in pins]
     if missing:
         raise PipelineError(f"{lock}: no pin for {', '.join(missing)}; run `make lock`")
@@ -77,6 +83,25 @@ def verified_files(export_dir: Path) -> dict[str, bytes]:
     return files
 
 
+def drift_files(drift_dir: Path, card: dict) -> dict[str, bytes]:
+    """The drift reference's two files under drift/, or none where `drift_dir` holds none; one
+    written with another checkpoint than the export's is refused."""
+    if not (drift_dir / META_FILE).is_file():
+        return {}
+    recorded = load_reference(drift_dir).meta.get("model_md5")
+    exported = card["model"].get("checkpoint_md5")
+    if recorded != exported:
+        raise PipelineError(
+            f"{drift_dir / META_FILE}: written with checkpoint md5 {recorded}, the export with "
+            f"{exported}. Fix: `dvc repro drift_reference` (or --drift-dir the reference of "
+            "this model)"
+        )
+    return {
+        f"{DRIFT_SUBDIR}/{name}": (drift_dir / name).read_bytes()
+        for name in (META_FILE, ARRAYS_FILE)
+    }
+
+
 def deterministic_tarball(files: dict[str, bytes], root: str) -> bytes:
     buffer = io.BytesIO()
     with (
@@ -91,9 +116,11 @@ def deterministic_tarball(files: dict[str, bytes], root: str) -> bytes:
     return buffer.getvalue()
 
 
-def main(export_dir: Path, out: Path, lock: Path) -> None:
+def main(export_dir: Path, out: Path, lock: Path, drift_dir: Path | None = None) -> None:
     files = verified_files(export_dir)
     card = read_json(export_dir / CARD_JSON)
+    drift = drift_files(drift_dir, card) if drift_dir is not None else {}
+    files.update(drift)
     files[RUNNER_FILE] = Path(runner.__file__).read_bytes()
     files["requirements.txt"] = runner_requirements(lock).encode()
     files["README.md"] = readme(card).encode()
@@ -109,3 +136,5 @@ def main(export_dir: Path, out: Path, lock: Path) -> None:
     with atomic_path(tarball) as tmp:
         tmp.write_bytes(deterministic_tarball(files, out.name))
     print(f"bundle: {out}/ ({len(files)} files) and {tarball}")
+    if drift_dir is not None and not drift:
+        print(f"bundle: no drift reference in {drift_dir} (`dvc repro drift_reference` writes it)")

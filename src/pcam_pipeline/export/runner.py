@@ -38,14 +38,15 @@ class BadInput(Exception):
     """An input the runner cannot score; the message names it and the fix."""
 
 
-def decode_patch(data: bytes, name: str) -> np.ndarray:
-    """One 96x96 8-bit RGB(A) PNG or TIFF as uint8 (96, 96, 3), alpha dropped as `pcam predict`
-    drops it. The header is checked before any pixel is decoded, so an image of other dimensions
-    (a decompression bomb among them) is refused unread; `pcam serve` decodes uploads with it."""
+def decode_patch(data: bytes, name: str, formats: tuple[str, ...] = IMAGE_FORMATS) -> np.ndarray:
+    """One 96x96 8-bit RGB(A) image of `formats` (PNG or TIFF; `pcam drift` adds JPEG) as uint8
+    (96, 96, 3), alpha dropped as `pcam predict` drops it. The header is checked before any
+    pixel is decoded, so an image of other dimensions (a decompression bomb among them) is
+    refused unread; `pcam serve` decodes uploads with it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
             width, height = image.size
             if (height, width) != PATCH[:2]:
                 raise BadInput(f"{name}: {width}x{height} pixels, expected 96x96 (a PCAM patch)")
@@ -58,11 +59,12 @@ def decode_patch(data: bytes, name: str) -> np.ndarray:
         raise BadInput(f"{name}: {exc}; expected 96x96 pixels (a PCAM patch)") from None
     except UnidentifiedImageError:
         raise BadInput(
-            f"{name}: not a readable image (neither PNG nor TIFF); give 96x96 RGB PNG or TIFF"
+            f"{name}: not a readable image (not {' or '.join(formats)}); give 96x96 RGB "
+            f"{' or '.join(formats)}"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadInput(
-            f"{name}: not a readable image ({exc}); give 96x96 RGB PNG or TIFF"
+            f"{name}: not a readable image ({exc}); give 96x96 RGB {' or '.join(formats)}"
         ) from None
     return np.ascontiguousarray(pixels, dtype=np.uint8)
 

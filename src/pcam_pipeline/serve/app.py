@@ -198,7 +198,9 @@ class Handlers:
 
     async def score(self, patches: np.ndarray) -> np.ndarray:
         self.metrics.observe_inputs(patches)
-        return await self.batcher.infer(patches)
+        probabilities = await self.batcher.infer(patches)
+        self.metrics.observe_scored(patches, probabilities)
+        return probabilities
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -289,6 +291,7 @@ class Handlers:
         return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text())
 
     async def metrics_text(self, request: Request) -> Response:
+        self.metrics.refresh_drift()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,9 +11,13 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import ServeParams
+
+if TYPE_CHECKING:
+    from pcam_pipeline.drift.window import DriftWindow
 
 TOKEN_ENV = "PCAM_SERVE_TOKEN"
 GRACE_SECONDS = 30  # the longest a request in flight is waited for after SIGTERM
@@ -25,6 +29,47 @@ class ServeOptions:
     device: str  # auto | cpu | cuda (ONNX Runtime's CUDA provider)
     threads: int  # ONNX Runtime's threads; 0: one per core
     token_file: Path | None
+    drift_reference: Path | None = None  # a directory; else the export's drift/ or its sibling
+
+
+def reference_dir(options: ServeOptions) -> Path | None:
+    """Where the drift reference is: the option, else `drift/` in the export directory (a
+    bundle) or beside it (models/drift beside models/export); None where there is none."""
+    if options.drift_reference is not None:
+        return options.drift_reference
+    for candidate in (options.export_dir / "drift", options.export_dir.parent / "drift"):
+        if (candidate / "reference.json").is_file():
+            return candidate
+    return None
+
+
+def drift_window(
+    params: ServeParams, options: ServeOptions, identity: dict[str, Any]
+) -> DriftWindow | None:
+    """The rolling drift window over the served model's reference, or None (no reference, or
+    serve.drift_window 0). A reference written with another checkpoint is refused."""
+    where = reference_dir(options)
+    if where is None or params.drift_window == 0:
+        return None
+    from pcam_pipeline.drift.profile import load_reference
+    from pcam_pipeline.drift.window import DriftWindow
+
+    reference = load_reference(where)
+    served, recorded = identity.get("checkpoint_md5"), reference.meta.get("model_md5")
+    if served is not None and recorded is not None and served != recorded:
+        raise PipelineError(
+            f"{where}/reference.json: written with checkpoint md5 {recorded}, but the served model "
+            f"comes from {served}. Fix: give the reference of this model (--drift-reference) or "
+            "write it with this model (`dvc repro drift_reference`)"
+        )
+    return DriftWindow(
+        reference,
+        params.drift_window,
+        params.drift_per_request,
+        params.drift_min_patches,
+        reference.alpha,
+        reference.correction,
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -102,7 +147,7 @@ def main(params: ServeParams, options: ServeOptions) -> None:
     # to: a server has no business writing there.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     model = load_model(options.export_dir, params.precision, options.device, options.threads)
-    metrics = ServeMetrics(model.identity)
+    metrics = ServeMetrics(model.identity, drift_window(params, options, model.identity))
     batcher = Batcher(
         model.probabilities,
         max_batch=params.max_batch_size,
