@@ -7,7 +7,9 @@ the cohort table; the tissue mask matches the generated tissue (IoU). This small
 tell the generator's positive texture from its negative one on a slide (p about 0.59 on both):
 tests/integration/test_slides.py checks the hot region with the pipeline's trained model.
 A rerun skips the finished slides; an unreadable slide, a slide of no tissue and one without a
-spacing are named in the error and the table, and the others are scored.
+spacing are named in the error and the table, and the others are scored. `pcam drift` on a
+scored slide's patches/ID.h5 reads the pixels WSInfer fed the model, finds drift on the CC0 slide
+against the synthetic reference, and names a moved or wrong slide and the fix.
 """
 
 from __future__ import annotations
@@ -223,3 +225,128 @@ def test_a_stop_signal_ends_the_run_after_the_slide_in_hand(
     monkeypatch.setattr(run, "score_slide", score)
     run.main(slides, out, options, part=(1, 2))
     assert sorted(p.stem for p in (out / "summaries").iterdir()) == ["small", "tumour"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_drift.py's image reference of the synthetic generator's train patches, saved."""
+    from pcam_pipeline.data.synthetic import generate_split
+    from tests.test_drift import REFERENCE_PATCHES, image_reference
+
+    folder = tmp_path_factory.mktemp("drift-reference")
+    image_reference(generate_split(0, "train", REFERENCE_PATCHES, 0.5)[0]).save(folder)
+    return folder
+
+
+def drift_cli(patches: Path, reference: Path, tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    out = tmp_path / f"{patches.stem}.json"
+    code = cli.main([
+        "drift", str(patches), "--out", str(out), "--reference", str(reference),
+        "--checkpoint", str(tmp_path / "none.pt"), "--plots", str(tmp_path / "plots"), *extra,
+    ])  # fmt: skip
+    return code, out
+
+
+def test_drift_reads_a_slides_patches_as_wsinfer_fed_them_to_the_model(scored: Path, slides: Path):
+    import tiffslide
+    from torchvision import transforms
+
+    from pcam_pipeline.drift import slide as drift_slide
+
+    # tumour.tif is at 1 um/px: 96 px regions, Resize(96) the identity, crops of its pixels.
+    patches_file = scored / "patches" / "tumour.h5"
+    patches, slide = drift_slide.read_slide_patches(patches_file, None, 16, 0)
+    assert slide == (slides / "tumour.tif").resolve()
+    coords, side = drift_slide.patch_grid(patches_file)
+    chosen = np.sort(np.random.default_rng(0).choice(len(coords), 16, replace=False))
+    pixels = tumour_slide_pixels(*SIZE, seed=0)
+    assert side == 96
+    assert np.array_equal(
+        patches, np.stack([pixels[y : y + 96, x : x + 96] for x, y in coords[chosen]])
+    )
+    # The Aperio slide at 0.499 um/px: 192 px regions through torchvision's Resize(96).
+    patches, _ = drift_slide.read_slide_patches(
+        scored / "patches" / "cmu_small_region.h5", None, 4, 0
+    )
+    coords, side = drift_slide.patch_grid(scored / "patches" / "cmu_small_region.h5")
+    chosen = np.sort(np.random.default_rng(0).choice(len(coords), 4, replace=False))
+    reader, resize = tiffslide.TiffSlide(CMU_SLIDE), transforms.Resize(96)
+    expected = [
+        np.asarray(resize(reader.read_region((x, y), 0, (side, side)).convert("RGB")))
+        for x, y in coords[chosen]
+    ]
+    reader.close()
+    assert side == 192 and np.array_equal(patches, np.stack(expected))
+
+
+def test_pcam_drift_on_a_slides_patches(
+    scored: Path, synthetic_reference: Path, tmp_path: Path, capsys
+):
+    code, out = drift_cli(scored / "patches" / "tumour.h5", synthetic_reference, tmp_path)
+    report = json.loads(out.read_text())
+    summary = json.loads((scored / "summaries" / "tumour.json").read_text())
+    flagged = [t["name"] for t in report["tests"] if t["drift"]]
+    print(f"tumour.tif: {report['input_patches']} patches, drift {report['drift']}: {flagged}")
+    assert code in (0, 3) and report["drift"] is (code == 3)
+    assert (
+        report["slide"] == summary["slide_path"] and report["input_patches"] == summary["patches"]
+    )
+    # Real tissue (the CC0 Aperio slide) against the synthetic reference: drift.
+    code, out = drift_cli(scored / "patches" / "cmu_small_region.h5", synthetic_reference, tmp_path)
+    report = json.loads(out.read_text())
+    strongest = min(report["tests"], key=lambda t: t["p_value"])
+    print(f"cmu_small_region.svs: strongest {strongest['name']} p={strongest['p_value']:.1e}")
+    assert code == 3 and report["drift"] is True
+    assert report["slide"].endswith("cmu_small_region.svs")
+    assert (tmp_path / "plots" / "cmu_small_region.png").is_file()
+
+
+def test_pcam_drift_names_a_moved_or_wrong_slide_and_the_fix(
+    scored: Path, slides: Path, synthetic_reference: Path, tmp_path: Path, capsys
+):
+    out = tmp_path / "out"
+    (out / "patches").mkdir(parents=True)
+    patches = out / "patches" / "tumour.h5"
+    shutil.copy2(scored / "patches" / "tumour.h5", patches)
+    assert drift_cli(patches, synthetic_reference, tmp_path)[0] == 1
+    assert "summaries/tumour.json naming the slide" in capsys.readouterr().err
+    small = ["--slide", str(slides / "small.tif")]  # no summary to compare: the corners tell
+    assert drift_cli(patches, synthetic_reference, tmp_path, *small)[0] == 1
+    assert "patches run past this one's edge" in capsys.readouterr().err
+    summary = json.loads((scored / "summaries" / "tumour.json").read_text())
+    (out / "summaries").mkdir()
+    moved = tmp_path / "moved" / "tumour.tif"
+    (out / "summaries" / "tumour.json").write_text(
+        json.dumps({**summary, "slide_path": str(moved)})
+    )
+    assert drift_cli(patches, synthetic_reference, tmp_path)[0] == 1
+    error = capsys.readouterr().err
+    assert f"{moved}: not found: the slide {patches} was cut from" in error
+    assert "Fix: give the slide with --slide PATH" in error
+    moved.parent.mkdir()
+    shutil.copy2(slides / "tumour.tif", moved)
+    assert drift_cli(patches, synthetic_reference, tmp_path, "--slide", str(moved))[0] in (0, 3)
+    assert drift_cli(patches, synthetic_reference, tmp_path, *small)[0] == 1
+    assert "1280x1280 pixels at level 0, but" in (error := capsys.readouterr().err)
+    assert "was cut from a 2048x1536 slide" in error
+    assert drift_cli(CMU_SLIDE, synthetic_reference, tmp_path, "--slide", str(moved))[0] == 1
+    assert "Fix: drop --slide" in capsys.readouterr().err
+
+
+def test_a_patch_file_not_of_wsinfer_is_refused(tmp_path: Path):
+    import h5py
+
+    from pcam_pipeline.drift.slide import is_patch_file, patch_grid
+
+    (tmp_path / "garbage.h5").write_bytes(b"not hdf5")
+    assert not is_patch_file(tmp_path / "garbage.h5")  # `pcam drift` names it as a PCAM file
+    with h5py.File(tmp_path / "flat.h5", "w") as handle:
+        handle["coords"] = np.zeros(3, np.int64)
+    with h5py.File(tmp_path / "empty.h5", "w") as handle:
+        handle["coords"] = np.zeros((0, 2), np.int64)
+        handle["coords"].attrs["patch_size"] = 96
+    assert is_patch_file(tmp_path / "flat.h5")
+    with pytest.raises(PipelineError, match=r"flat\.h5: key coords holds int64 \(3,\).*Fix"):
+        patch_grid(tmp_path / "flat.h5")
+    with pytest.raises(PipelineError, match=r"empty\.h5: key coords holds no patches"):
+        patch_grid(tmp_path / "empty.h5")

@@ -85,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     drift = commands.add_parser(
         "drift", help="test patches against the model's drift reference; exit 3 on drift"
     )
-    drift.add_argument("input", type=Path, help="a PCAM-format HDF5 file or a folder of patches")
+    drift.add_argument(
+        "input", type=Path,
+        help="a PCAM-format HDF5 file, a folder of patches, or `pcam slides`' OUT/patches/SLIDE.h5 "
+        "(read from the slide its summary names)",
+    )  # fmt: skip
     drift.add_argument("--out", type=Path, required=True, help="the JSON report to write")
     drift.add_argument("--reference", type=Path, default=DRIFT_DIR, help="[models/drift]")
     drift.add_argument(
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the reference's model, for the confidence and embedding tests [models/best.pt]",
     )  # fmt: skip
     drift.add_argument("--plots", type=Path, default=DRIFT_PLOTS_DIR, help="[reports/drift]")
+    drift.add_argument(
+        "--slide", type=Path, help="the slide of a patches/SLIDE.h5 INPUT [its summary's]"
+    )
     bundle = commands.add_parser(
         "bundle", help="the exported model, its card and a stand-alone runner: DIR and DIR.tar.gz"
     )
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             numerics.pin("portable")
             from pcam_pipeline.drift import check
 
-            chosen = check.DriftOptions(args.reference, args.checkpoint, args.plots)
+            chosen = check.DriftOptions(args.reference, args.checkpoint, args.plots, args.slide)
             return check.main(args.input, args.out, chosen, load_params(args.params).drift)
         if args.command == "bundle":
             from pcam_pipeline.export import bundle

@@ -1,5 +1,8 @@
 """`pcam drift INPUT --out FILE.json`: test patches against the model's drift reference.
 
+INPUT: a PCAM-format HDF5 file, a folder of patch images (drift/inputs.py), or `pcam slides`'
+OUT/patches/<slide>.h5, whose patches are read from the slide itself (drift/slide.py).
+
 Image features always; the model's confidence and embeddings (MMD) where the checkpoint the
 reference was written with is at hand. Writes the JSON report, prints a table, draws the
 reference-vs-input histograms, and returns the exit code: 0 no drift, EXIT_DRIFT (3) drift;
@@ -18,6 +21,7 @@ from pcam_pipeline.drift.detector import EXIT_DRIFT, DriftReport, Sample, detect
 from pcam_pipeline.drift.features import FEATURES, macenko_vectors, patch_features, stain_angles
 from pcam_pipeline.drift.inputs import read_input
 from pcam_pipeline.drift.profile import CONFIDENCE, Reference, confidence, load_reference
+from pcam_pipeline.drift.slide import is_patch_file, read_slide_patches
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import DriftParams
 from pcam_pipeline.repro import atomic_path, md5_file, write_json
@@ -28,6 +32,7 @@ class DriftOptions:
     reference: Path  # the directory holding reference.json and reference.npz
     checkpoint: Path  # the model the reference was written with; absent: image tests only
     plots: Path  # the directory of the histograms
+    slide: Path | None = None  # the slide of a patches/<slide>.h5 INPUT, where it has moved
 
 
 def model_sample(
@@ -105,15 +110,31 @@ def histograms(reference: Reference, patches: np.ndarray, title: str) -> Any:
     return figure
 
 
+def read_patches(
+    source: Path, slide: Path | None, params: DriftParams
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The input's patches, and what the report adds about where they came from."""
+    if is_patch_file(source):
+        patches, slide = read_slide_patches(source, slide, params.input_patches, params.seed)
+        return patches, {"slide": str(slide)}
+    if slide is not None:
+        raise PipelineError(
+            f"{source}: --slide goes with a slide's patch file (`pcam slides`' "
+            "OUT/patches/<slide>.h5, key coords), and this is not one. Fix: drop --slide"
+        )
+    return read_input(source, params.input_patches, params.seed), {}
+
+
 def main(source: Path, out: Path, options: DriftOptions, params: DriftParams) -> int:
     reference = load_reference(options.reference)
-    patches = read_input(source, params.input_patches, params.seed)
+    patches, origin = read_patches(source, options.slide, params)
     report = drift_of(patches, reference, params, options.checkpoint)
     write_json(
         out,
         {
             **report.as_dict(),
             "input": str(source),
+            **origin,
             "input_patches": len(patches),
             "reference": str(options.reference),
             "reference_model_md5": reference.meta.get("model_md5"),

@@ -162,6 +162,8 @@ def score_slide(
     summary = {
         "slide_id": slide_id,
         "slide": str(path),
+        # Absolute: `pcam drift OUT/patches/ID.h5` reads the patches from it, from anywhere.
+        "slide_path": str(path.resolve()),
         "status": "done",
         "width": width,
         "height": height,
