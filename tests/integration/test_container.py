@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from tests.integration.conftest import run_command as run
 from tests.integration.container_fixtures import (
@@ -70,7 +71,7 @@ def read_lock() -> dict[str, str]:
     for line in (REPO_ROOT / "requirements-runtime.lock").read_text().splitlines():
         if line.strip() and not line.startswith(("#", " ")):  # "    --hash=..." lines follow
             name, _, version = line.split()[0].partition("==")
-            locked[name.lower().replace("_", "-")] = version
+            locked[canonicalize_name(name)] = version
     return locked
 
 
@@ -266,7 +267,7 @@ def test_image_installs_exactly_the_lock(built_image: BuiltImage) -> None:
     for line in proc.stdout.splitlines():
         name, sep, version = line.partition("==")
         if sep:
-            frozen[name.lower().replace("_", "-")] = version
+            frozen[canonicalize_name(name)] = version
         else:
             assert " @ " not in line or line.startswith("pcam-pipeline"), line
     locked = dict(LOCKED)
