@@ -6,6 +6,7 @@ Numpy and JSON only, read without pickle: `pcam serve` loads it without torch.
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from dataclasses import dataclass
@@ -35,12 +36,14 @@ def confidence(probabilities: np.ndarray) -> np.ndarray:
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """What np.savez writes, with a fixed time on every member: np.savez stamps the current
-    time, so the same arrays would give another file (and another md5 in dvc.lock) each run."""
+    time, so the same arrays would give another file (and another md5 in dvc.lock) each run.
+    Each member is written whole (writestr): streamed with force_zip64, Python 3.11.2 (the
+    image's) and 3.11.7 wrote different headers for the same arrays."""
     with zipfile.ZipFile(path, "w") as archive:
         for name, array in arrays.items():
-            member = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH)
-            with archive.open(member, "w", force_zip64=True) as handle:
-                np.lib.format.write_array(handle, np.asarray(array), allow_pickle=False)
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH), buffer.getvalue())
 
 
 @dataclass(frozen=True)
