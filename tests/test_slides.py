@@ -160,6 +160,22 @@ def test_an_array_task_scores_its_chunk_and_the_last_job_only_tabulates(
     assert [p.stem for p in (task / "summaries").iterdir()] == [everything[3].stem]
 
 
+def test_readers_and_threads_change_the_speed_not_the_probabilities(
+    scored: Path, slides: Path, model_dir: Path, tmp_path: Path
+):
+    """The default (reading in-process, one model thread on two cores) against a reader
+    process beside two model threads: the same probabilities (equal to the last bit here)."""
+    assert run.model_threads(run.Options(model_dir)) == max(1, len(os.sched_getaffinity(0)) - 1)
+    options = run.Options(model_dir, threshold=0.5, num_workers=1, threads=2)
+    assert run.model_threads(options) == 2
+    run.main(slides, tmp_path, options, part=(2, 1))
+    slide_id = sorted(slides.iterdir())[2].stem
+    alone = pd.read_csv(tmp_path / "model-outputs-csv" / f"{slide_id}.csv")
+    pd.testing.assert_frame_equal(
+        alone, pd.read_csv(scored / "model-outputs-csv" / f"{slide_id}.csv")
+    )
+
+
 def test_summary_and_heatmap_figures():
     tissue = Tissue(np.ones((10, 20), bool), (2.0, 3.0))
     assert tissue.area_mm2 == pytest.approx(200 * 6 / 1e6)
@@ -197,6 +213,7 @@ def test_the_bench_scores_a_generated_pyramid_in_a_child_and_compares(
     assert scored["tissue_area_mm2"] == pytest.approx(0.8, rel=0.1)
     assert scored["patches"] == pytest.approx(0.8e6 / 96**2, rel=0.15)
     assert 0 < scored["peak_rss_mb"] < bench.MEMORY_GOAL_MB
+    assert 0 < scored["peak_tree_pss_mb"] < bench.MEMORY_GOAL_MB  # with its patch reader
     assert report["compared_patches"] == 64 and report["ratio_to_onnxruntime"] > 0
     # A level below level 0 is the same picture, sampled: tissue where level 0 has it.
     picture = bench.Picture(2000, 0.2)

@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     slides.add_argument("--threshold", type=float, help="instead of the model card's")
     slides.add_argument("--spacing-um-px", type=float, help="for slides whose files hold none")
     slides.add_argument("--batch-size", type=int, default=64, help="[64]")
-    slides.add_argument("--num-workers", type=int, default=0, help="patch readers [0: in-process]")
+    slides.add_argument(
+        "--num-workers", type=int, default=0, help="patch-reading processes [0: in-process]"
+    )
+    slides.add_argument(
+        "--threads", type=int, help="torch threads for the model [cores less readers less 1]"
+    )
     slides.add_argument("--top-k", type=int, default=10, help="top-k mean probability [10]")
     slides.add_argument(
         "--no-speedup", action="store_true", help="skip WSInfer's TorchScript freeze/optimise"
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
             options = run.Options(
                 args.model_dir, args.card, args.threshold, args.spacing_um_px,
-                args.batch_size, args.num_workers, args.top_k, not args.no_speedup,
+                args.batch_size, args.num_workers, args.top_k, not args.no_speedup, args.threads,
             )  # fmt: skip
             chunk = tuple(args.chunk) if args.chunk else None
             run.main(args.source, args.out, options, chunk, args.cohort_only)

@@ -50,11 +50,23 @@ class Options:
     threshold: float | None = None  # overrides the card's
     spacing_um_px: float | None = None  # for slides whose files hold none
     batch_size: int = 64
+    # Patch-reading processes (DataLoader workers) beside the model; 0 (reading in-process, as
+    # WSInfer's default) was the fastest measured on the shared 2-core VM (docs/slides.md).
     num_workers: int = 0
     top_k: int = 10
     # WSInfer's --speedup: the TorchScript frozen and optimised for inference (conv-bn folding,
     # oneDNN): about 3x the patches/s on the 2-core VM, probabilities within 1e-12.
     speedup: bool = True
+    threads: int | None = None  # torch's threads for the model [model_threads]
+
+
+def model_threads(options: Options) -> int:
+    """torch's intra-op threads for the model: as given, else the usable cores less one per
+    reader and one for everything else, at least one: on the shared 2-core VM a second model
+    thread waits for a core that other work holds (1.7x slower, docs/slides.md)."""
+    if options.threads is not None:
+        return options.threads
+    return max(1, len(os.sched_getaffinity(0)) - options.num_workers - 1)
 
 
 def slide_list(source: Path) -> list[Path]:
@@ -125,8 +137,9 @@ def score_slide(
     try:
         inference_started = time.perf_counter()
         table = wsi.infer(
-            path, segmented, model, stage, options.batch_size, options.num_workers, options.speedup
-        )
+            path, segmented, model, stage, options.batch_size, options.num_workers,
+            options.speedup, model_threads(options),
+        )  # fmt: skip
         inference_seconds = time.perf_counter() - inference_started
         probabilities = table.filter(like="prob_").to_numpy()[:, 0]
         results = stage / "results"

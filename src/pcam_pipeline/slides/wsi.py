@@ -159,13 +159,16 @@ def infer(
     batch_size: int,
     num_workers: int,
     speedup: bool,
+    threads: int,
 ) -> pd.DataFrame:
     """WSInfer's `run_inference` on this one slide, in `stage` (a results directory of
     WSInfer's layout); returns its CSV (minx, miny, width, height, prob_tumor) and writes its
-    patch file, CSV and GeoJSON there.
+    patch file, CSV and GeoJSON there. `threads`: torch's intra-op threads for the model in this
+    process while it runs (the `num_workers` readers take one each: PyTorch's DataLoader).
 
     `run_inference` takes a directory of nothing but slides: a link to this one, so that each
     slide (and each Slurm task) has its own."""
+    import torch
     from wsinfer.modellib.run_inference import run_inference
     from wsinfer.patchlib import save_hdf5
     from wsinfer.write_geojson import make_geojson
@@ -181,7 +184,12 @@ def infer(
         patch_size=segmented.patch_px,
         patch_spacing_um_px=model.config.spacing_um_px,
     )
-    _, failed = run_inference(wsi_dir, results, model, batch_size, num_workers, speedup)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, failed = run_inference(wsi_dir, results, model, batch_size, num_workers, speedup)
+    finally:
+        torch.set_num_threads(before)
     csv = results / CSV_DIR / f"{slide_id}.csv"
     if failed or not csv.is_file():
         # run_inference swallows the reason; reading one patch the way its dataset does shows it.
