@@ -24,7 +24,7 @@ from tests.serving import infer_binary
 from tests.test_serve_app import call
 from tests.tiny_pipeline import small_run_params
 
-WINDOW = {"drift_window": 96, "drift_per_request": 16, "drift_min_patches": 48}
+WINDOW = {"drift_window": 96, "drift_patches_per_s": 1e6, "drift_min_patches": 48}
 
 
 def read_x(path: Path) -> np.ndarray:
@@ -107,3 +107,23 @@ def test_the_reference_is_found_beside_the_export_or_refused(served_with_drift: 
     assert drift_window(off, ServeOptions(served_with_drift, "cpu", 1, None), identity) is None
     with pytest.raises(PipelineError, match="written with checkpoint md5"):
         drift_window(params, ServeOptions(served_with_drift, "cpu", 1, None), identity)
+
+
+def test_the_window_samples_at_most_its_rate(served_with_drift: Path, tiny_data: Path):
+    """A token bucket of one second's worth: a burst keeps `rate` patches, then one a 1/rate s;
+    the CPU the features take stays bounded whatever the request rate."""
+    from pcam_pipeline.drift.profile import load_reference
+    from pcam_pipeline.drift.window import DriftWindow
+
+    window = DriftWindow(load_reference(served_with_drift / "drift"), 96, 8.0, 4, 0.05, "holm")
+    patches = read_x(tiny_data / "valid.h5")[:20]
+    probabilities = np.full(len(patches), 0.5)
+    start = window.refilled
+    window.observe(patches, probabilities, now=start)
+    assert window.held == 8  # the full bucket, spread over the request
+    window.observe(patches, probabilities, now=start + 0.1)
+    assert window.held == 8  # 0.8 of a patch earned: none kept
+    window.observe(patches, probabilities, now=start + 0.5)
+    assert window.held == 12  # 4 patches earned in 0.5 s
+    window.observe(patches, probabilities, now=start + 100)
+    assert window.held == 20  # never more than one second's worth at once

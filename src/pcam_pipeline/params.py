@@ -247,7 +247,9 @@ class ServeParams(_Section):
     max_body_mb: float = Field(gt=0)  # per request; larger bodies are refused unread
     # drift over a rolling window of requests, with a reference (docs/drift.md); 0 turns it off
     drift_window: int = Field(ge=0)  # the last this many sampled patches are tested
-    drift_per_request: int = Field(gt=0)  # patches of each request whose features are kept
+    # at most this many patches a second enter the window (their features cost ~1 ms each: the
+    # CPU the window takes stays bounded whatever the request rate)
+    drift_patches_per_s: float = Field(gt=0)
     drift_min_patches: int = Field(gt=1)  # no test before the window holds this many
 
 

@@ -1,5 +1,9 @@
-"""The server's drift detector: image features of a few patches of each request, and the
+"""The server's drift detector: image features of sampled patches of the requests, and the
 model's confidence in them, kept over a rolling window and tested against the reference.
+
+The features cost about a millisecond a patch, in the request's path: at most `rate` patches a
+second are sampled (a token bucket holding one second's worth), so the window's CPU cost is
+bounded whatever the request rate, and a burst of requests does not slow each of them.
 
 `pcam serve` has no torch, so no embeddings: the window is tested on the image features and
 the confidences (which the served ONNX model gives) only. The tests run when asked (on a
@@ -7,6 +11,8 @@ the confidences (which the served ONNX model gives) only. The tests run when ask
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -18,27 +24,38 @@ COLUMNS = (*FEATURES, CONFIDENCE)
 
 
 class DriftWindow:
-    """The last `size` sampled patches' features and confidences (a ring buffer)."""
+    """The last `size` sampled patches' features and confidences (a ring buffer), sampled at
+    most `rate` patches a second."""
 
     def __init__(
         self,
         reference: Reference,
         size: int,
-        per_request: int,
+        rate: float,
         min_patches: int,
         alpha: float,
         correction: Correction,
     ) -> None:
-        self.reference, self.size, self.per_request = reference, size, per_request
+        self.reference, self.size, self.rate = reference, size, rate
+        self.tokens, self.refilled = rate, time.monotonic()  # a full bucket: one second's worth
         self.min_patches, self.alpha, self.correction = min_patches, alpha, correction
         self.values = np.zeros((size, len(COLUMNS)))
         self.count = 0  # patches ever added; the window holds the last min(count, size)
         self.tested_at = -1
         self.last: DriftReport | None = None
 
-    def observe(self, patches: np.ndarray, probabilities: np.ndarray) -> None:
-        """Keep `per_request` patches of a request, evenly spaced through it."""
-        spaced = np.linspace(0, len(patches) - 1, min(self.per_request, len(patches)))
+    def observe(
+        self, patches: np.ndarray, probabilities: np.ndarray, now: float | None = None
+    ) -> None:
+        """Keep as many patches of a request as the bucket allows, evenly spaced through it."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.rate, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        kept = min(len(patches), int(self.tokens))
+        if kept == 0:
+            return
+        self.tokens -= kept
+        spaced = np.linspace(0, len(patches) - 1, kept)
         take = np.unique(spaced.round().astype(int))
         table = patch_features(patches[take], self.reference.stain_vectors).values
         rows = np.column_stack([table, confidence(np.asarray(probabilities)[take])])

@@ -65,7 +65,7 @@ def drift_window(
     return DriftWindow(
         reference,
         params.drift_window,
-        params.drift_per_request,
+        params.drift_patches_per_s,
         params.drift_min_patches,
         reference.alpha,
         reference.correction,
