@@ -391,6 +391,7 @@ def test_a_failing_stage_fails_the_job_with_its_error_in_the_log(workspace: Work
         [],
         ["best.pt", "last.pt"],  # the commit's own outputs, restored from the cache
         ["best.pt", "export", "last.pt"],  # ... with the exported model
+        ["best.pt", "drift", "export", "last.pt"],  # ... and the drift reference
     )
     assert not list((work / "models").glob(".*.tmp-*"))
 
