@@ -9,8 +9,8 @@ synthetic generator's patches (src/pcam_pipeline/data/synthetic.py) on WSInfer's
 The levels below level 0 (downsamples 4, 16, 64) sample the same picture, so the thumbnail
 WSInfer segments is the slide's.
 
-`pcam slides` runs as a child process; its peak RSS is the children's maximum resident set
-(getrusage RUSAGE_CHILDREN), which the generation here in the parent does not enter. Then up to
+`pcam slides` runs as a child process; its peak RSS is that child's maximum resident set (its
+own rusage, from wait4), which the generation here in the parent does not enter. Then up to
 `--compare` of the patches it scored are read back into memory and timed through the exported
 ONNX graph (models/export/model.onnx, uint8 in) and the WSInfer TorchScript, in batches of the
 same size: no reading, no decoding, no transforms; each at its default threads and at one (on two
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -133,14 +133,19 @@ def score_in_child(slides: Path, out: Path, model_dir: Path, card: Path) -> dict
     started = time.perf_counter()
     child = subprocess.Popen(command)
     root, tree_peak = psutil.Process(child.pid), 0.0
-    while child.poll() is None:
+    # wait4 reaps this child with its own resource usage: getrusage(RUSAGE_CHILDREN) would give
+    # the largest of every child this process ever waited for (a test suite's dvc runs too).
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
         tree_peak = max(tree_peak, _tree_pss_mb(root))
         time.sleep(SAMPLE_S)
     seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         raise subprocess.CalledProcessError(child.returncode, command)
-    # ru_maxrss is in KiB on Linux: the largest of the children waited for (only this one).
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
     return {
         "command": " ".join(command[1:]),
         "wall_seconds": seconds,
