@@ -61,11 +61,17 @@ def _handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
 @contextmanager
 def serve(behaviour: Behaviour) -> Iterator[str]:
     """Serve `behaviour.files` on 127.0.0.1 (a free port); yield the base URL; stop afterwards."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(behaviour))
+    with _running(ThreadingHTTPServer(("127.0.0.1", 0), _handler(behaviour))) as base:
+        yield f"{base}/records/files"
+
+
+@contextmanager
+def _running(server: ThreadingHTTPServer) -> Iterator[str]:
+    """Run `server` in a thread; yield its base URL; stop and close it afterwards."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/records/files"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -89,12 +95,7 @@ def serve_directory(directory: Path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with _running(
+        ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
+    ) as base:
+        yield base
