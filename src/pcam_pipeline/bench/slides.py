@@ -10,7 +10,9 @@ The levels below level 0 (downsamples 4, 16, 64) sample the same picture, so the
 WSInfer segments is the slide's.
 
 `pcam slides` runs as a child process; its peak RSS is that child's maximum resident set (its
-own rusage, from wait4), which the generation here in the parent does not enter. Then up to
+own rusage, from wait4), which the generation here in the parent does not enter. The child is
+forked by a small launcher, not by this process: Linux keeps the memory a process held before
+exec in its ru_maxrss, and a child forked from a 2 GB test runner would report 2 GB. Then up to
 `--compare` of the patches it scored are read back into memory and timed through the exported
 ONNX graph (models/export/model.onnx, uint8 in) and the WSInfer TorchScript, in batches of the
 same size: no reading, no decoding, no transforms; each at its default threads and at one (on two
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,18 @@ REPORT = Path("reports/slides-bench.json")
 MEMORY_GOAL_MB = 2048
 SPEED_GOAL = 0.7
 SAMPLE_S = 0.25  # memory sampling period of the scoring process tree
+# Runs argv[1:] as its child and prints [exit code, the child's own ru_maxrss in KiB]. It imports
+# nothing heavy, so the child's pre-exec memory (counted in its ru_maxrss) is a few MB. The
+# child's stdout goes to stderr: the launcher's stdout carries the result alone.
+LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.dup2(2, 1)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]))
+"""
 
 
 class Picture:
@@ -131,21 +144,18 @@ def score_in_child(slides: Path, out: Path, model_dir: Path, card: Path) -> dict
         "--model-dir", str(model_dir), "--card", str(card),
     ]  # fmt: skip
     started = time.perf_counter()
-    child = subprocess.Popen(command)
-    root, tree_peak = psutil.Process(child.pid), 0.0
-    # wait4 reaps this child with its own resource usage: getrusage(RUSAGE_CHILDREN) would give
-    # the largest of every child this process ever waited for (a test suite's dvc runs too).
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        tree_peak = max(tree_peak, _tree_pss_mb(root))
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.PIPE)
+    launcher_process, tree_peak = psutil.Process(launcher.pid), 0.0
+    while launcher.poll() is None:
+        with contextlib.suppress(psutil.Error):  # the launcher ended while we looked
+            tree_peak = max(tree_peak, _tree_pss_mb(launcher_process.children(recursive=True)))
         time.sleep(SAMPLE_S)
     seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise subprocess.CalledProcessError(child.returncode, command)
-    peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
+    assert launcher.stdout is not None
+    returncode, maxrss_kib = json.loads(launcher.stdout.read())
+    if launcher.returncode or returncode:
+        raise subprocess.CalledProcessError(returncode or launcher.returncode, command)
+    peak_mb = maxrss_kib / 1024  # KiB on Linux
     return {
         "command": " ".join(command[1:]),
         "wall_seconds": seconds,
@@ -154,11 +164,11 @@ def score_in_child(slides: Path, out: Path, model_dir: Path, card: Path) -> dict
     }
 
 
-def _tree_pss_mb(root: Any) -> float:
+def _tree_pss_mb(processes: list[Any]) -> float:
     import psutil
 
     total = 0
-    for process in [root, *root.children(recursive=True)]:
+    for process in processes:
         with contextlib.suppress(psutil.Error):  # it ended while we looked
             total += process.memory_full_info().pss
     return total / 2**20
