@@ -138,10 +138,10 @@ workflow-lint: $(STAMP)  ## actionlint on .github/workflows (offline; also a pre
 	$(BIN)/actionlint
 
 s3-up:  ## a local S3 server (moto) on 127.0.0.1:5555, bucket pcam-dvc, to try the DVC remote
-	scripts/s3-server.sh start --port 5555 --bucket pcam-dvc
+	scripts/s3-server.py start --port 5555 --bucket pcam-dvc
 
 s3-down:  ## stop it (by its PID)
-	scripts/s3-server.sh stop --port 5555
+	scripts/s3-server.py stop --port 5555
 
 slurm-up:  ## one-node Slurm on this machine (root); then: eval "$$(slurm/local-cluster.sh env)"
 	slurm/local-cluster.sh install

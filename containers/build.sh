@@ -47,6 +47,8 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
+# shellcheck source=containers/lib.sh
+source containers/lib.sh
 
 TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
 PCAM_PLATFORM="${PCAM_PLATFORM:-linux/amd64}"
@@ -67,12 +69,6 @@ PODMAN_BUILD_OPTS=(--isolation chroot)
 PODMAN_RUNTIME_OPTS=()
 if command -v runc >/dev/null 2>&1; then PODMAN_RUNTIME_OPTS=(--runtime runc); fi
 
-die() {
-    echo "containers/build.sh: error: $*" >&2
-    exit 1
-}
-note() { echo "containers/build.sh: $*" >&2; }
-
 # --- torch variants: which lock, where torch comes from, the oldest NVIDIA driver -----------------
 # variant_lock / variant_index / variant_min_driver VARIANT
 variant_lock() {
@@ -89,54 +85,20 @@ variant_index() {
         *) echo auto ;;     # download.pytorch.org/whl/$1
     esac
 }
-# The oldest driver each CUDA major runs on (CUDA minor-version compatibility: 13.x needs the
-# R580 driver branch, 12.x R525): what the Slurm wrappers check on the node before training.
+# The oldest driver the variant's CUDA major runs on (containers/cuda-min-driver.txt: cu13* ->
+# the row of 13): what the Slurm wrappers check on the node before training.
 variant_min_driver() {
+    local driver=""
     case "$1" in
-        cpu | serve) echo "" ;;
-        cu13*) echo 580 ;;
-        cu12*) echo 525.60.13 ;;
-        cu11*) echo 450.80.02 ;;
-        *) die "no minimum NVIDIA driver known for TORCH_VARIANT=$1" ;;
+        cpu | serve) ;;
+        cu[0-9]*)
+            driver="$(awk -v variant="$1" '!/^#/ && NF == 2 && index(variant, "cu" $1) == 1 { print $2; exit }' \
+                containers/cuda-min-driver.txt)"
+            ;;
     esac
-}
-
-usage() {
-    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
-}
-
-# --- container engine -------------------------------------------------------------------------
-ENGINE=""
-pick_engine() {
-    [[ -n "$ENGINE" ]] && return 0
-    if [[ -n "${PCAM_ENGINE:-}" ]]; then
-        case "$PCAM_ENGINE" in
-            docker | podman) ;;
-            *) die "PCAM_ENGINE='$PCAM_ENGINE' is not supported: use docker or podman" ;;
-        esac
-        command -v "$PCAM_ENGINE" >/dev/null 2>&1 ||
-            die "PCAM_ENGINE=$PCAM_ENGINE but '$PCAM_ENGINE' is not on PATH: install it or unset PCAM_ENGINE"
-        ENGINE="$PCAM_ENGINE"
-        return 0
-    fi
-    # A docker CLI without a reachable daemon is common (CI images, this kind of VM): skip it.
-    if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
-        ENGINE=docker
-    elif command -v podman >/dev/null 2>&1; then
-        ENGINE=podman
-    elif command -v docker >/dev/null 2>&1; then
-        die "found the docker CLI but no running Docker daemon ('docker info' fails), and podman is not installed: start the Docker daemon, or install podman (Debian/Ubuntu as root: containers/build.sh install-podman)"
-    else
-        die "neither docker nor podman is installed: install Docker (https://docs.docker.com/engine/install/) or podman (Debian/Ubuntu as root: containers/build.sh install-podman)"
-    fi
-}
-
-engine() {
-    if [[ "$ENGINE" == podman ]]; then
-        podman "$@"
-    else
-        docker "$@"
-    fi
+    [[ -n "$driver" || "$1" == cpu || "$1" == serve ]] ||
+        die "no minimum NVIDIA driver known for TORCH_VARIANT=$1 (containers/cuda-min-driver.txt)"
+    echo "$driver"
 }
 
 # --- pip settings of this machine, bound into the build (podman) ------------------------------
@@ -239,10 +201,6 @@ prepare_host_pip() {
     # The folder itself first: podman mounts in the order given.
     PIP_VOLUMES=(--volume "$PIP_DIR:/run/pcam-build:ro" "${PIP_VOLUMES[@]}")
     return 0
-}
-
-project_version() {
-    sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n 1
 }
 
 git_commit() {
@@ -391,15 +349,7 @@ build_args() {
 }
 
 cmd_plan() {
-    # Needs no engine installed: name the one `image` would use (PCAM_ENGINE, else the one
-    # found), else podman.
-    if [[ "${PCAM_ENGINE:-}" == docker || "${PCAM_ENGINE:-}" == podman ]]; then
-        ENGINE="$PCAM_ENGINE"
-    elif [[ -z "${PCAM_ENGINE:-}" ]] && ! command -v docker >/dev/null 2>&1 && ! command -v podman >/dev/null 2>&1; then
-        ENGINE=podman
-    else
-        pick_engine
-    fi
+    pick_engine plan # the one `image` would use; none need be installed
     build_args
     cleanup_build
     printf '%q ' "$ENGINE" "${BUILD_ARGS[@]}"

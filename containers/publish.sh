@@ -28,6 +28,7 @@
 #   PCAM_VERSION_TAG    the release tag [$GITHUB_REF_NAME when GITHUB_REF_TYPE=tag, else the tag
 #                       pointing at HEAD, if any]; a vX.Y.Z tag must match pyproject's version
 #   PCAM_ENGINE         docker | podman [docker when its daemon answers, else podman]
+#                       (containers/lib.sh: the same choice and checks as containers/build.sh)
 #   PCAM_TLS_VERIFY     0: push to a plain-HTTP registry (a local test registry) [1]
 #   PCAM_REPRO_THREADS  CPU threads for repro-check [2: the committed dvc.lock is made on 2 cores,
 #                       and CPU training is bit-reproducible only with the same thread count]
@@ -42,17 +43,13 @@ shopt -s inherit_errexit # a die() inside $(...) stops the script too
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
+# shellcheck source=containers/lib.sh
+source containers/lib.sh
 
 TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
 PCAM_IMAGE="${PCAM_IMAGE:-pcam-pipeline:${TORCH_VARIANT}}"
 PCAM_SIF="${PCAM_SIF:-pcam.sif}"
 NAME=pcam-pipeline
-
-die() {
-    echo "containers/publish.sh: error: $*" >&2
-    exit 1
-}
-note() { echo "containers/publish.sh: $*" >&2; }
 
 # do_run CMD...: run CMD, or with PCAM_DRY_RUN=1 print it (one line, shell-quoted) on stdout.
 do_run() {
@@ -62,20 +59,6 @@ do_run() {
         printf '\n'
     else
         "$@"
-    fi
-}
-
-ENGINE=""
-pick_engine() {
-    [[ -n "$ENGINE" ]] && return 0
-    if [[ -n "${PCAM_ENGINE:-}" ]]; then
-        ENGINE="$PCAM_ENGINE"
-    elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
-        ENGINE=docker
-    elif command -v podman >/dev/null 2>&1; then
-        ENGINE=podman
-    else
-        die "neither docker nor podman is available: see containers/build.sh install-podman"
     fi
 }
 
@@ -93,10 +76,6 @@ commit_sha() {
     local sha="${PCAM_COMMIT_SHA:-${GITHUB_SHA:-}}"
     [[ -n "$sha" ]] || sha="$(git rev-parse HEAD 2>/dev/null)" || die "not a git checkout: set PCAM_COMMIT_SHA"
     echo "$sha"
-}
-
-project_version() {
-    sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n 1
 }
 
 # The release tag of this build (v0.1.0 -> 0.1.0), or nothing. A v-tag must match pyproject.toml.
@@ -157,7 +136,7 @@ cmd_tags() {
 ref_file() { echo "${PCAM_BUILD_DIR:-build}/image-$TORCH_VARIANT.ref"; }
 
 cmd_push() {
-    pick_engine
+    if [[ "${PCAM_DRY_RUN:-0}" == 1 ]]; then pick_engine plan; else pick_engine; fi
     local reg tag tags first="" digest="" tls=()
     reg="$(registry)"
     tags="$(image_tags)"
@@ -375,7 +354,7 @@ case "${1:-}" in
     tags) cmd_tags ;;
     registry-def) registry_def "$(image_ref)" ;;
     *)
-        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+        usage >&2
         exit 2
         ;;
 esac

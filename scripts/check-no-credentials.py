@@ -57,7 +57,7 @@ INI_KEY = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*=\s*(.*?)\s*$")
 
 FIX_ENV = (
     "keep credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or in the "
-    "git-ignored .dvc/config.local ('scripts/remote.sh credentials REMOTE')"
+    "git-ignored .dvc/config.local ('scripts/remote.py credentials REMOTE')"
 )
 
 

@@ -2,7 +2,7 @@
 # What the scripts/*.sh commands share: their help, their errors, and which Python and dvc they
 # use. Sourced (never executed): `source "$(dirname "${BASH_SOURCE[0]}")/common.sh"`.
 
-scripts_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)" # also their Python halves, *.py
+scripts_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 project_root="$(dirname "$scripts_dir")"
 
 usage() {

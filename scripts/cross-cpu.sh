@@ -40,7 +40,7 @@ cmd_run() {
     command -v "$QEMU" >/dev/null 2>&1 || die "$QEMU not found: run '$0 install' first."
     local known
     known="$("$QEMU" -cpu help || true)" # it lists the models, then exits with status 1
-    grep -qE "^x86 +$model( |$)" <<<"$known" ||
+    grep -qE "^x86 +$model( |$)" < <(printf '%s\n' "$known") ||
         die "unknown CPU model '$model'; '$QEMU -cpu help' lists them (e.g. ${MODELS[*]})."
     # qemu warns once per feature its TCG cannot emulate (AVX-512 and the like): harmless here.
     exec "$QEMU" -cpu "$model" "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a GPU node (a few minutes): a PCAM-sized split through validate
-# and preprocess, the training loop end to end against the same step on resident data (batch
-# size x precision x train.compile), the same for timm's resnet18 and resnet50 at batch 256 bf16,
-# eager and compiled (`--no-timm` in PCAM_GPU_CHECK_ARGS skips them), then the CUDA tests
-# (`pytest -m gpu`). timm must be installed for its rows (an error row says so otherwise).
+# The GPU loop benchmark (python -m pcam_pipeline.perf.gpu_loop), one command on a GPU node (a
+# few minutes; not slurm/gpu-check.py, the jobs' CUDA preflight): a PCAM-sized split through
+# validate and preprocess, the training loop end to end against the same step on resident data
+# (batch size x precision x train.compile), the same for timm's resnet18 and resnet50 at batch
+# 256 bf16, eager and compiled (`--no-timm` in PCAM_GPU_CHECK_ARGS skips them), then the CUDA
+# tests (`pytest -m gpu`). timm must be installed for its rows (an error row says so otherwise).
 #
 #   scripts/gpu-check.sh [OUT_DIR]          # default reports/gpu-check
 #   PCAM_BASELINE=DIR scripts/gpu-check.sh  # also time an earlier checkout's loop beside it
@@ -22,6 +23,6 @@ baseline=()
 [[ -n "${PCAM_BASELINE:-}" ]] && baseline=(--baseline "$PCAM_BASELINE")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/nvidia-smi.txt"
 nvidia-smi -L | tee -a "$out/nvidia-smi.txt" # GPUs and MIG instances (a slice's profile)
-python3 -m pcam_pipeline.bench.gpucheck --out "$out/gpu-check.json" "${baseline[@]}" \
+python3 -m pcam_pipeline.perf.gpu_loop --out "$out/gpu-check.json" "${baseline[@]}" \
   ${PCAM_GPU_CHECK_ARGS:-} | tee "$out/gpu-check.txt"
 python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"

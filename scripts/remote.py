@@ -1,40 +1,193 @@
-"""The Python half of scripts/remote.sh: what needs DVC's config API or boto3.
+#!/usr/bin/env python3
+"""Configure the project's DVC remote: S3 or any S3-compatible store (SURF Object Store, MinIO,
+Ceph). Run it from inside the repository (any subdirectory).
 
-Run by remote.sh, with the interpreter that has dvc (the project's .venv), as
-`remote.py credentials ROOT NAME`, `remote.py check ROOT [NAME] [--write]` or `remote.py show ROOT`;
-ROOT is the repository. Its messages are remote.sh's (see that file for the commands).
+  scripts/remote.py add NAME s3://BUCKET/PREFIX [--endpoint URL] [--region REGION]
+                        [--profile AWS_PROFILE] [--default] [--local] [--no-verify]
+      Adds (or replaces) the remote in .dvc/config (committed; no secrets in it) or, with --local,
+      in .dvc/config.local. Sets `verify true`: every object downloaded is re-hashed, so a
+      corrupted object on the store is refused instead of being checked out (DVC's default is
+      to trust the store).
+  scripts/remote.py credentials NAME
+      Copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN if set) from the
+      environment into .dvc/config.local (git-ignored, mode 600), without putting the secret on
+      any command line. Alternative: keep them only in the environment or ~/.aws/credentials.
+  scripts/remote.py mirror NAME https://HOST/BUCKET/PREFIX [--default-local] [--no-verify]
+      Adds a read-only HTTP(S) mirror of the same objects (the bucket must allow anonymous
+      GetObject). Pull-only users need no credentials: `dvc pull -r NAME`, or --default-local
+      makes it their default remote (in .dvc/config.local). `dvc push` to it is refused by the
+      store.
+  scripts/remote.py check [NAME] [--write]
+      Talks to the S3 remote with the same credentials DVC would use and explains what is wrong
+      (unknown key, wrong secret, no permission, no bucket, endpoint down). --write also tests a
+      write (puts and deletes one small object under the remote's prefix).
+  scripts/remote.py show
+      Lists the remotes and where credentials come from (never prints a secret).
+
+It runs under $PCAM_PYTHON, else the interpreter here if it has dvc, else the project's .venv.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
-from dvc.config import Config
+from toolenv import die, importable, use_project_python
+
+use_project_python("dvc", "boto3")
+if not importable("dvc"):
+    die("dvc not found: run 'make setup' (it installs dvc and dvc-s3 into .venv)")
+
+from dvc.config import Config, ConfigError  # noqa: E402  (after choosing the interpreter)
 
 SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?")
+ENDPOINT = re.compile(r"https?://[^/@]+(/.*)?")
+LOOPBACK_HTTP = re.compile(r"http://(127\.|localhost|\[::1\])")
+MIRROR_URL = re.compile(r"https?://[^/@]+/.+")
+
+
+def repo_root() -> str:
+    """The DVC repository around the working directory."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        return Repo.find_root()
+    except NotDvcRepoError:
+        die(f"not inside a DVC repository (no .dvc/ above {os.getcwd()}): cd into your clone first")
+
+
+def valid_name(name: str) -> str:
+    """The remote's name as DVC stores it (lower case)."""
+    if not NAME.fullmatch(name):
+        die(f"remote name '{name}' is not valid: use letters, digits, '_', '.', '-'")
+    return name.lower()
+
+
+def require_local_config_ignored(root: str) -> None:
+    """Fails if .dvc/config.local would be committed."""
+
+    def git(*args: str) -> bool:
+        run = subprocess.run(["git", "-C", root, *args], capture_output=True, check=False)
+        return run.returncode == 0
+
+    if not git("rev-parse", "--git-dir"):
+        return
+    if git("ls-files", "--error-unmatch", ".dvc/config.local"):
+        die(
+            ".dvc/config.local is tracked by git, so credentials would be committed: "
+            "run 'git rm --cached .dvc/config.local' (and rotate any key it held)"
+        )
+    if not git("check-ignore", "-q", ".dvc/config.local"):
+        die(".dvc/config.local is not git-ignored: add '/config.local' to .dvc/.gitignore")
+
+
+@contextmanager
+def edit(root: str, level: str) -> Iterator[dict[str, Any]]:
+    """A level of the config (repo: .dvc/config, local: .dvc/config.local) to change, through
+    DVC's config API (what `dvc remote add/modify` use): validated, then written."""
+    try:
+        with load(root).edit(level) as conf:
+            yield conf
+    except ConfigError as e:
+        die(f"{e}: the DVC config was not changed")
+
+
+def add(
+    name: str,
+    url: str,
+    *,
+    endpoint: str,
+    region: str,
+    profile: str,
+    default: bool,
+    local: bool,
+    verify: bool,
+) -> None:
+    name = valid_name(name)
+    if "@" in url:
+        die(
+            f"remote URL '{url}' contains '@': never put credentials in the URL; use the "
+            f"environment or 'scripts/remote.py credentials {name}'"
+        )
+    if not S3_URL.fullmatch(url):
+        die(f"remote URL '{url}' is not s3://BUCKET[/PREFIX] (bucket: 3-63 characters a-z 0-9 . -)")
+    if endpoint:
+        if not ENDPOINT.fullmatch(endpoint):
+            die(f"--endpoint '{endpoint}' must be http(s)://HOST[:PORT] without credentials")
+        if not (endpoint.startswith("https://") or LOOPBACK_HTTP.match(endpoint)):
+            print(
+                f"remote.py: warning: --endpoint {endpoint} is plain http: data and request "
+                "signatures travel unencrypted",
+                file=sys.stderr,
+            )
+    settings = {"url": url}
+    for key, value in (("endpointurl", endpoint), ("region", region), ("profile", profile)):
+        if value:
+            settings[key] = value
+    settings["verify"] = str(verify).lower()
+    with edit(repo_root(), "local" if local else "repo") as conf:
+        conf["remote"][name] = settings
+        if default:
+            conf["core"]["remote"] = name
+    shown = f" (endpoint {endpoint})" if endpoint else ""
+    print(f"remote '{name}' -> {url}{shown}, verify={settings['verify']}")
+    print(
+        "credentials: export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run "
+        f"'scripts/remote.py credentials {name}' to keep them in .dvc/config.local"
+    )
+
+
+def mirror(name: str, url: str, *, default_local: bool, verify: bool) -> None:
+    name = valid_name(name)
+    if not MIRROR_URL.fullmatch(url):
+        die(
+            f"mirror URL '{url}' must be http(s)://HOST/BUCKET/PREFIX, the same objects as the S3 "
+            "remote, readable anonymously, and without credentials in it"
+        )
+    root = repo_root()
+    with edit(root, "repo") as conf:
+        conf["remote"][name] = {"url": url, "verify": str(verify).lower()}
+    if default_local:
+        with edit(root, "local") as conf:
+            conf["core"]["remote"] = name
+    print(f"read-only mirror '{name}' -> {url} (pull with: dvc pull -r {name})")
 
 
 def load(root: str) -> Config:
     return Config(os.path.join(root, ".dvc"))
 
 
-def credentials(root: str, name: str) -> None:
-    """Copy AWS_* from the environment into .dvc/config.local: through DVC's own config API
-    (what `dvc remote modify --local` uses), so the secret is never an argument of a process
+def credentials(name: str) -> None:
+    """Copy AWS_* from the environment into .dvc/config.local (mode 600): through DVC's own config
+    API (what `dvc remote modify --local` uses), so the secret is never an argument of a process
     that other users could see in `ps`."""
-    config = load(root)
-    if name not in config["remote"]:
-        sys.exit(
-            f"remote.sh: error: no remote named '{name}' in .dvc/config or .dvc/config.local: "
-            f"run 'scripts/remote.sh add {name} s3://BUCKET/PREFIX' first"
+    name = valid_name(name)
+    if not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+        die(
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set in the environment (e.g. "
+            "'read -rs AWS_SECRET_ACCESS_KEY; export AWS_SECRET_ACCESS_KEY') so they never appear "
+            "on a command line"
         )
-    with config.edit("local") as conf:
+    root = repo_root()
+    require_local_config_ignored(root)
+    if name not in load(root)["remote"]:
+        die(
+            f"no remote named '{name}' in .dvc/config or .dvc/config.local: "
+            f"run 'scripts/remote.py add {name} s3://BUCKET/PREFIX' first"
+        )
+    with edit(root, "local") as conf:
         remote = conf["remote"].setdefault(name, {})
         remote["access_key_id"] = os.environ["AWS_ACCESS_KEY_ID"]
         remote["secret_access_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
@@ -42,6 +195,9 @@ def credentials(root: str, name: str) -> None:
             remote["session_token"] = os.environ["AWS_SESSION_TOKEN"]
         else:
             remote.pop("session_token", None)
+    local = Path(root) / ".dvc" / "config.local"
+    local.chmod(0o600)
+    print(f"credentials for remote '{name}' stored in {local} (git-ignored, mode 600)")
 
 
 def show(root: str) -> None:
@@ -50,7 +206,7 @@ def show(root: str) -> None:
     default = config["core"].get("remote")
     committed_level = config.load_one("repo").get("remote", {})
     if not config["remote"]:
-        print("no remotes: scripts/remote.sh add NAME s3://BUCKET/PREFIX --endpoint URL --default")
+        print("no remotes: scripts/remote.py add NAME s3://BUCKET/PREFIX --endpoint URL --default")
     for name, remote in config["remote"].items():
         mark = " (default)" if name == default else ""
         print(f"{name}{mark}: {remote['url']}")
@@ -69,7 +225,7 @@ def credentials_source(name: str, remote: dict[str, Any], committed: dict[str, A
     if in_config:
         return (
             f"{', '.join(in_config)} in .dvc/config, which is COMMITTED: remove them there and "
-            f"run 'scripts/remote.sh credentials {name}' (and rotate the key)"
+            f"run 'scripts/remote.py credentials {name}' (and rotate the key)"
         )
     if secrets:
         return f"{', '.join(secrets)} in .dvc/config.local (not committed)"
@@ -82,7 +238,7 @@ def credentials_source(name: str, remote: dict[str, Any], committed: dict[str, A
 
 
 def fail(message: str) -> NoReturn:
-    sys.exit(f"remote.sh check: {message}")
+    sys.exit(f"remote.py check: {message}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +262,7 @@ def s3_remote(root: str, name: str) -> S3Remote:
     config = load(root)
     name = name or config["core"].get("remote", "")
     if not name:
-        fail("no remote given and no default remote: scripts/remote.sh check NAME")
+        fail("no remote given and no default remote: scripts/remote.py check NAME")
     if name not in config["remote"]:
         fail(f"no remote named '{name}': see 'dvc remote list'")
     settings = config["remote"][name]
@@ -167,7 +323,7 @@ def check(root: str, name: str, write: bool) -> None:
     remote = s3_remote(root, name)
     session, source = session_for(remote)
     fix = (
-        f"export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or 'scripts/remote.sh credentials "
+        f"export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or 'scripts/remote.py credentials "
         f"{remote.name}' to store them in .dvc/config.local"
     )
     creds = session.get_credentials()
@@ -202,26 +358,58 @@ def check(root: str, name: str, write: bool) -> None:
     print(f"remote '{remote.name}': read OK ({remote.where}, key {shown} from {source})")
     if write:
         key = f"{under}.remote-check-{uuid.uuid4().hex}"
-        call("write", client.put_object, Bucket=remote.bucket, Key=key, Body=b"remote.sh check\n")
+        call("write", client.put_object, Bucket=remote.bucket, Key=key, Body=b"remote.py check\n")
         call("delete", client.delete_object, Bucket=remote.bucket, Key=key)
         print(f"remote '{remote.name}': write OK")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="scripts/remote.py", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for command in ("credentials", "check", "show"):
-        commands.add_parser(command).add_argument("root")
+    parser = argparse.ArgumentParser(
+        prog="scripts/remote.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_cmd = commands.add_parser("add", help="add (or replace) an S3 remote")
+    add_cmd.add_argument("name")
+    add_cmd.add_argument("url", help="s3://BUCKET/PREFIX")
+    add_cmd.add_argument("--endpoint", default="", help="http(s)://HOST[:PORT] of the store")
+    add_cmd.add_argument("--region", default="")
+    add_cmd.add_argument("--profile", default="", help="an AWS profile (~/.aws)")
+    add_cmd.add_argument("--default", action="store_true", help="make it the default remote")
+    add_cmd.add_argument("--local", action="store_true", help="in .dvc/config.local")
+    add_cmd.add_argument("--no-verify", dest="verify", action="store_false")
+    commands.add_parser("credentials", help="AWS_* from the environment into .dvc/config.local")
     commands.choices["credentials"].add_argument("name")
-    commands.choices["check"].add_argument("name", nargs="?", default="")
-    commands.choices["check"].add_argument("--write", action="store_true")
+    mirror_cmd = commands.add_parser("mirror", help="a read-only HTTP(S) mirror")
+    mirror_cmd.add_argument("name")
+    mirror_cmd.add_argument("url", help="https://HOST/BUCKET/PREFIX")
+    mirror_cmd.add_argument("--default-local", action="store_true")
+    mirror_cmd.add_argument("--no-verify", dest="verify", action="store_false")
+    check_cmd = commands.add_parser("check", help="talk to the store as DVC would")
+    check_cmd.add_argument("name", nargs="?", default="")
+    check_cmd.add_argument("--write", action="store_true")
+    commands.add_parser("show", help="the remotes and where their credentials come from")
     args = parser.parse_args(argv)
-    if args.command == "credentials":
-        credentials(args.root, args.name)
+    if args.command == "add":
+        add(
+            args.name,
+            args.url,
+            endpoint=args.endpoint,
+            region=args.region,
+            profile=args.profile,
+            default=args.default,
+            local=args.local,
+            verify=args.verify,
+        )
+    elif args.command == "credentials":
+        credentials(args.name)
+    elif args.command == "mirror":
+        mirror(args.name, args.url, default_local=args.default_local, verify=args.verify)
     elif args.command == "check":
-        check(args.root, args.name, args.write)
+        check(repo_root(), args.name, args.write)
     else:
-        show(args.root)
+        show(repo_root())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 #     writable by you; DVC keeps its sqlite hash/link state there instead of /var/tmp/dvc: a
 #     local or per-user disk, never NFS/GPFS/Lustre, whose locks sqlite cannot trust).
 #   --no-config only prepares DIR.
-#   Then `python -m pcam_pipeline.dvc_cache` reports the link type that works between DIR and
+#   Then `python -m pcam_pipeline.dvc.cache` reports the link type that works between DIR and
 #   this clone (hard links need one file system: on GPFS one fileset) and warns when PATH is on
 #   a network file system.
 # Run it once per clone; every member runs it in their own clone with the same DIR and GROUP.
@@ -109,5 +109,5 @@ site_cache_dir="$(cd "$site_cache_dir" && pwd -P)"
 "$dvc_bin" config --local core.site_cache_dir "$site_cache_dir"
 echo "configured $(pwd)/.dvc/config.local:"
 "$dvc_bin" config --local --list | grep -E '^(cache|core)\.' | sed 's/^/    /'
-"$(project_python)" -m pcam_pipeline.dvc_cache
+"$(project_python)" -m pcam_pipeline.dvc.cache
 echo "next: 'dvc checkout dvc.yaml' links the pipeline's outputs the shared cache already has"

@@ -5,7 +5,8 @@ minute instead of training on the CPU at GPU rates.
 
 Checked, in order: the installed torch is a CUDA build (torch.version.cuda), the node's NVIDIA
 driver is at least the one that build needs (PCAM_CUDA_MIN_DRIVER, set in the image by
-containers/Dockerfile; else known from the CUDA major version), and CUDA sees a device. The line
+containers/Dockerfile; else the CUDA major version's row of containers/cuda-min-driver.txt, the
+table containers/build.sh records in the image), and CUDA sees a device. The line
 it prints names a MIG slice's profile (`MIG 1g.5gb`), from the device names or `nvidia-smi -L`.
 
 The driver version comes from NVML (nvidia-ml-py, in the lock; libnvidia-ml is bound into the
@@ -19,14 +20,21 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
-# The oldest driver branch each CUDA major runs on (CUDA minor-version compatibility).
-MIN_DRIVER_BY_CUDA_MAJOR = {"13": "580", "12": "525.60.13", "11": "450.80.02"}
+# The oldest driver each CUDA major runs on: one table for the image build and this check.
+MIN_DRIVER_TABLE = Path(__file__).resolve().parent.parent / "containers" / "cuda-min-driver.txt"
 DOCS = "docs/slurm.md#gpu-jobs-fail-fast"
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.strip().split(".") if part.isdigit())
+
+
+def min_driver_by_cuda_major(table: Path = MIN_DRIVER_TABLE) -> dict[str, str]:
+    """CUDA major version -> the oldest NVIDIA driver it runs on (`13 580` lines, # comments)."""
+    rows = (line.split() for line in table.read_text().splitlines() if not line.startswith("#"))
+    return {row[0]: row[1] for row in rows if len(row) == 2}
 
 
 def node_driver() -> str | None:
@@ -64,7 +72,7 @@ def problems(
             "docs/containers.md), or submit to a CPU partition, or set PCAM_REQUIRE_CUDA=0 to "
             f"train on the CPU anyway ({DOCS})."
         ]
-    needed = min_driver or MIN_DRIVER_BY_CUDA_MAJOR.get(torch_cuda.split(".")[0])
+    needed = min_driver or min_driver_by_cuda_major().get(torch_cuda.split(".")[0])
     if driver is None:
         if not cuda_available:
             return [

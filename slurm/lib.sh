@@ -16,8 +16,8 @@
 #   PCAM_BIND           extra comma-separated bind paths for apptainer (e.g. a dataset on GPFS)
 #   PCAM_STAGE_DATA=1   copy data/processed to node-local $TMPDIR and train/evaluate from there
 #   PCAM_MAX_REQUEUES   how often a job may requeue itself after a time-limit signal (default 20)
-#   PCAM_WORK_ROOT      where sweep/benchmark jobs make their isolated clones
-#                       (default: <repo>/.pcam-work; must be visible from every node)
+#   PCAM_WORK_ROOT      where jobs make their isolated clones (repro, sweep, search, benchmark,
+#                       serve; default: <repo>/.pcam-work; must be visible from every node)
 #   PCAM_KEEP_WORKDIR=1 keep those clones after success (they are always kept after a failure)
 
 PCAM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -64,6 +64,10 @@ pcam_runtime_init() {
     PCAM_CACHE=$(pcam_cache_dir "$repo") || pcam_die "'dvc cache dir' failed in $repo (see above)."
     mkdir -p "$PCAM_CACHE" 2>/dev/null || true
     pcam_bind_add "$PCAM_CACHE" # a cache outside the repository (GPFS project space) must be visible
+    if [[ -n ${PCAM_WORK_ROOT:-} ]]; then # the jobs' clones, made inside the runtime
+        mkdir -p "$PCAM_WORK_ROOT" || pcam_die "cannot create PCAM_WORK_ROOT='$PCAM_WORK_ROOT': set it to a writable directory visible from every node."
+        pcam_bind_add "$PCAM_WORK_ROOT"
+    fi
     # DVC's site cache holds the hash state of the workspace files: in the image's default place
     # (per-job $TMPDIR) it would be lost with every job and GBs rehashed. Unless the repository
     # configures one (core.site_cache_dir, e.g. a group's on GPFS), keep one per user.
@@ -96,7 +100,8 @@ pcam_run() {
         local var
         for var in PCAM_TRAIN_DATA_DIR OMP_NUM_THREADS DVC_NO_ANALYTICS DVC_SITE_CACHE_DIR \
             CUDA_VISIBLE_DEVICES TMPDIR PCAM_IMAGE PCAM_IMAGE_DIGEST PCAM_NODE_DRIVER \
-            PCAM_RUNTIME_DESC SLURM_JOB_ID SLURM_JOB_PARTITION SLURM_CLUSTER_NAME; do
+            PCAM_RUNTIME_DESC SLURM_JOB_ID SLURM_JOB_PARTITION SLURM_CLUSTER_NAME \
+            PCAM_WORK_ROOT PCAM_COMMIT; do
             if [[ -n ${!var:-} ]]; then export "APPTAINERENV_$var=${!var}"; fi
         done
         # The checkout's code, whatever the image: a SIF pulled from the registry image has no
@@ -161,7 +166,7 @@ pcam_print_env() {
     echo "dvc cache: $PCAM_CACHE"
     echo "dvc site:  ${DVC_SITE_CACHE_DIR:-as configured in the repository (core.site_cache_dir)}"
     # the link type DVC will use, and a warning for a site cache on a network file system
-    (cd "$repo" && pcam_run python -m pcam_pipeline.dvc_cache) || true
+    (cd "$repo" && pcam_run python -m pcam_pipeline.dvc.cache) || true
     echo "device:    ${PCAM_DEVICE_ARGS[*]:-train.device from params.yaml (not a GPU partition)}"
 }
 
@@ -245,7 +250,7 @@ pcam_unstage_data() {
 PCAM_STOP_SIGNAL=""
 PCAM_STOP_FILE=""
 
-# The trap only notes the signal, in the file the relay watches (python -m pcam_pipeline.relay,
+# The trap only notes the signal, in the file the relay watches (python -m pcam_pipeline.train.relay,
 # the parent of the command): the relay sends it to `pcam train` once training runs and has set
 # its handler. The signal may come at any moment: before the command has started, between two
 # stages, or while Python still imports torch.
@@ -265,7 +270,7 @@ pcam_run_preemptible() {
     PCAM_STOP_FILE=$(mktemp "${TMPDIR:-/tmp}/pcam-stop.XXXXXX") ||
         pcam_die "cannot create a file in TMPDIR='${TMPDIR:-/tmp}': set TMPDIR to a writable directory."
     trap '_pcam_on_signal USR1' USR1
-    pcam_run python -m pcam_pipeline.relay --stop-file "$PCAM_STOP_FILE" -- "$@" &
+    pcam_run python -m pcam_pipeline.train.relay --stop-file "$PCAM_STOP_FILE" -- "$@" &
     local child=$! tick
     # Never block on the command itself: a signal that arrives just before a blocking `wait`
     # would be noted only when the command ends. A trapped signal ends this short wait at once.
@@ -305,58 +310,32 @@ pcam_finish_or_requeue() {
     pcam_log "$what finished"
 }
 
-# --- isolated clones (sweep, benchmark) ----------------------------------------------------------
+# --- isolated clones (repro, sweep, benchmark, serve) -------------------------------------------
 
-# pcam_clone SUBMIT COMMIT WORKDIR (after pcam_runtime_init SUBMIT): a clone of SUBMIT at COMMIT in WORKDIR whose DVC cache is SUBMIT's
-# (one shared cache: stages already run are restored from the run-cache, not recomputed). A clone
-# left by an earlier attempt of the same job (requeue) is reused, so training resumes.
+# pcam_clone SUBMIT COMMIT NAME (after pcam_runtime_init SUBMIT): the job's own clone of SUBMIT at
+# COMMIT, named NAME under the work root, sharing SUBMIT's DVC cache (one shared cache: stages
+# already run are restored from it, not recomputed). Made by `python -m
+# pcam_pipeline.experiments.job_clone clone`, which owns the work root and the rule for a clone
+# left by an earlier attempt of the same job (requeue): it is kept as it stands, so training
+# resumes. Sets PCAM_WORK (its path) and PCAM_CLONE_REUSED (1: an earlier attempt's).
 pcam_clone() {
-    local submit=$1 commit=$2 work=$3
+    local submit=$1 commit=$2 name=$3 made
     pcam_bind_add "$submit"
+    # The code of the checkout lib.sh is sourced from, as for the rest of this library.
+    made=$(cd "$submit" && pcam_run python -m pcam_pipeline.experiments.job_clone clone "$submit" "$name" --commit "$commit") ||
+        pcam_die "no clone of $submit at $commit for '$name' (the reason and the fix are above)."
+    made=${made##*$'\n'} # its answer is the last line: "new|reused PATH"
+    PCAM_WORK=${made#* }
     PCAM_CLONE_REUSED=0
-    if [[ -d $work/.git ]] && [[ $(git -C "$work" rev-parse HEAD 2>/dev/null) == "$commit" ]]; then
-        # Left as it was (models/last.pt, params set by `dvc exp run -S`): the task resumes.
-        pcam_log "reusing $work (an earlier attempt of this job)"
-        PCAM_CLONE_REUSED=1
-        pcam_bind_add "$work"
-        return 0
-    fi
-    rm -rf "$work"
-    mkdir -p "$(dirname "$work")"
-    git clone --quiet --no-checkout "$submit" "$work" ||
-        pcam_die "git clone $submit failed (if git says 'dubious ownership': git config --global --add safe.directory $submit)."
-    git -C "$work" -c advice.detachedHead=false checkout --quiet --detach "$commit" ||
-        pcam_die "commit $commit is not in $submit: commit your changes before submitting."
-    pcam_bind_add "$work"
-    # The identity the submitting repository resolves (its own, or the user's global one): a node
-    # or container with another HOME lacks the global one, and `dvc exp save` needs it.
-    local key value
-    for key in user.name user.email; do
-        value=$(git -C "$submit" config "$key" || true)
-        [[ -z $value ]] || git -C "$work" config "$key" "$value"
-    done
-    local cache=$PCAM_CACHE # SUBMIT's, from pcam_runtime_init
-    [[ -n $cache ]] || pcam_die "'dvc cache dir' printed nothing in $submit."
-    if [[ -f $submit/.dvc/config.local ]]; then
-        cp "$submit/.dvc/config.local" "$work/.dvc/config.local" # cache.type/shared, remotes, site_cache_dir
-    fi
-    (cd "$work" && pcam_run dvc cache dir --local "$cache") || pcam_die "dvc cache dir --local $cache failed in $work."
-    # Outputs of the commit that are in the shared cache: stages the task does not change are then
-    # up to date and skipped (the run-cache alone cannot restore stages with uncached outputs).
-    (cd "$work" && pcam_run dvc checkout --allow-missing --quiet) ||
-        pcam_log "note: some outputs of $commit are not in the cache; the stages that make them will run"
-}
-
-pcam_work_root() {
-    local submit=$1
-    echo "${PCAM_WORK_ROOT:-$submit/.pcam-work}"
+    if [[ ${made%% *} == reused ]]; then PCAM_CLONE_REUSED=1; fi
+    pcam_bind_add "$PCAM_WORK"
 }
 
 # --- experiment jobs (repro, sweep): a clone, `dvc exp run`, the result pushed back ----------------
 
 # pcam_exp_job SUBMIT WORK NAME ARGS...: in the clone WORK (pcam_clone, current directory), run
 # `dvc exp run -n NAME ARGS... [-S train.device=cuda]`, requeue on a stop signal, and push the
-# experiment to SUBMIT (`dvc exp push origin`): it shows there in `dvc exp show`, and
+# experiment to SUBMIT (job_clone push, its origin): it shows there in `dvc exp show`, and
 # `dvc exp branch NAME NAME && git merge NAME && dvc checkout --allow-missing` brings its results
 # into the workspace (docs/slurm.md). The submitting checkout is never
 # locked by the job. WORK is removed after the push unless PCAM_KEEP_WORKDIR=1.
@@ -395,28 +374,22 @@ pcam_exp_job() {
         pcam_run_preemptible dvc exp run -n "$name" "$@" "${PCAM_DEVICE_ARGS[@]}"
         pcam_finish_or_requeue "dvc exp run $name"
     fi
-    # Send the experiment (a git ref) to the submitting repository. Outputs are in the shared
-    # cache already (--no-cache); PCAM_PUSH_CACHE=1 also pushes them to the default DVC remote.
-    local push_args=(--no-cache) attempt
-    [[ ${PCAM_PUSH_CACHE:-0} == 1 ]] && push_args=()
-    for attempt in 1 2 3; do
-        if pcam_run dvc exp push "${push_args[@]}" origin "$name"; then
-            pcam_log "pushed experiment '$name' to $submit: see it there with 'dvc exp show'; 'dvc exp branch $name $name && git merge $name && dvc checkout --allow-missing' brings its results into the workspace"
-            # Where and in which image each checkpoint was made (not DVC outputs): kept beside
-            # the job's log, as the clone goes.
-            if compgen -G "models/*.provenance.json" >/dev/null; then
-                mkdir -p "$submit/logs/$name"
-                cp models/*.provenance.json "$submit/logs/$name/"
-                pcam_log "checkpoint provenance: $submit/logs/$name/"
-            fi
-            if [[ ${PCAM_KEEP_WORKDIR:-0} != 1 ]]; then
-                cd "$submit" || pcam_die "cannot cd to $submit; the clone $work is kept."
-                rm -rf "$work"
-            fi
-            return 0
-        fi
-        pcam_log "dvc exp push failed (attempt $attempt); retrying"
-        sleep $((attempt * 5))
-    done
-    pcam_die "could not push experiment '$name' to $submit; it is kept in $work: push it from there with 'dvc exp push origin $name'."
+    # Send the experiment (a git ref) to the submitting repository, retried; the error names where
+    # it is kept. Outputs are in the shared cache already; PCAM_PUSH_CACHE=1 also pushes them to
+    # the default DVC remote.
+    local push_args=()
+    if [[ ${PCAM_PUSH_CACHE:-0} == 1 ]]; then push_args=(--with-cache); fi
+    (cd "$submit" && pcam_run python -m pcam_pipeline.experiments.job_clone push "$work" "$name" "${push_args[@]}") ||
+        pcam_die "experiment '$name' was not sent to $submit (the reason, and how to send it by hand, are above)."
+    # Where and in which image each checkpoint was made (not DVC outputs): kept beside the job's
+    # log, as the clone goes.
+    if compgen -G "models/*.provenance.json" >/dev/null; then
+        mkdir -p "$submit/logs/$name"
+        cp models/*.provenance.json "$submit/logs/$name/"
+        pcam_log "checkpoint provenance: $submit/logs/$name/"
+    fi
+    if [[ ${PCAM_KEEP_WORKDIR:-0} != 1 ]]; then
+        cd "$submit" || pcam_die "cannot cd to $submit; the clone $work is kept."
+        rm -rf "$work"
+    fi
 }

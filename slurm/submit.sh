@@ -125,7 +125,7 @@ apply_env_file "$repo/slurm/site.env"
 command -v sbatch >/dev/null || die "sbatch not found: run this on a Slurm login node (or start slurm/local-cluster.sh and export SLURM_CONF)."
 git -C "$repo" rev-parse HEAD >/dev/null 2>&1 || die "$repo is not a git repository with a commit: DVC experiments and the job's provenance need one."
 if [[ $what == repro || $what == sweep || $what == search ]]; then
-    # The job saves its result as a DVC experiment, a git commit made in its clone (pcam_clone copies
+    # The job saves its result as a DVC experiment, a git commit made in its clone (job_clone copies
     # this identity there): without one, `dvc exp save` fails after hours of training.
     for key in user.name user.email; do
         [[ -n $(git -C "$repo" config "$key" || true) ]] ||

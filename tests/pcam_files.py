@@ -7,9 +7,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter, write_pcam_split
+from pcam_pipeline.data.hdf5 import write_pcam_split
 from pcam_pipeline.data.pcam import SPLITS, split_files
 from pcam_pipeline.data.synthetic import generate_split
+from pcam_pipeline.data.writers import ProcessedLayout, ProcessedWriter
 
 N = 300  # not a multiple of the block or chunk: partial last block and chunk
 

@@ -1,5 +1,5 @@
-"""The benchmark stage and the measurements of bench/, on a tiny processed dataset: the figures
-they report must be the ones their own counts and timings give."""
+"""The benchmark stage (bench/) and the measurements beside it (perf/), on a tiny processed
+dataset: the figures they report must be the ones their own counts and timings give."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from pcam_pipeline import training
-from pcam_pipeline.bench import full_size, layout, loaders, noop, perf, throughput
-from pcam_pipeline.bench.children import PerfError
+from pcam_pipeline.bench import loaders, throughput
 from pcam_pipeline.bench.measure import PCAM_TRAIN_PATCHES
 from pcam_pipeline.bench.timing import is_out_of_memory
-from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
 from pcam_pipeline.data.pcam import PATCH_BYTES, PATCH_SHAPE
 from pcam_pipeline.data.processed import ProcessedData
-from pcam_pipeline.models import build_model
+from pcam_pipeline.data.writers import ProcessedLayout, ProcessedWriter
+from pcam_pipeline.models.architectures import build_model
 from pcam_pipeline.params import Params
+from pcam_pipeline.perf import chunking, full_size, noop
+from pcam_pipeline.perf.__main__ import main as perf_main
+from pcam_pipeline.perf.children import PerfError
 from pcam_pipeline.stages import benchmark
+from pcam_pipeline.train import loop as training
 from tests.conftest import REPO_ROOT
 
 TRAIN = 128
@@ -270,11 +272,11 @@ def test_per_sample_baseline_is_the_course_design(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# bench.perf: layout table, full-size run (scaled down), no-op repro
+# python -m pcam_pipeline.perf: HDF5 chunking table, full-size run (scaled down), no-op repro
 
 
 def test_layout_table(in_tmp_project):
-    rows = layout.layout_table(256, [32, 64], ["none", "lzf"], block=64, batch_size=32, repeats=1)
+    rows = chunking.layout_table(256, [32, 64], ["none", "lzf"], block=64, batch_size=32, repeats=1)
     assert [(r["storage"], r["chunk_patches"], r["compression"]) for r in rows] == [
         ("contiguous", None, "none"),
         ("chunked", 32, "none"),
@@ -288,7 +290,7 @@ def test_layout_table(in_tmp_project):
             assert row["chunk_mb"] == approx(row["chunk_patches"] * PATCH_BYTES / 2**20)
     for row in rows[:3]:
         assert 0.99 < row["size_ratio"] < 1.05, "uncompressed: about the raw size"
-    table = layout.format_layout(rows)
+    table = chunking.format_layout(rows)
     assert table.count("\n") == 6 and "| chunked: 64 (1.7) | lzf |" in table
     assert "| contiguous | none |" in table
 
@@ -379,7 +381,7 @@ def test_perf_command_line_prints_json(in_tmp_project, capsys):
     shutil.copy(REPO_ROOT / "params.yaml", "params.yaml")
     out = in_tmp_project / "layout.json"
     arguments = ["layout", "--patches", "64", "--chunks", "64", "--compression", "none"]
-    code = perf.main(["--out", str(out), *arguments, "--repeats", "1"])
+    code = perf_main(["--out", str(out), *arguments, "--repeats", "1"])
     assert code == 0
     rows: list[dict[str, Any]] = json.loads(out.read_text())
     assert rows[0]["storage"] == "contiguous" and rows[1]["chunk_patches"] == 64

@@ -63,7 +63,7 @@ def test_remote_secrets_in_the_committed_dvc_config_are_refused(tmp_path: Path):
     assert lines[0].startswith(".dvc/config:6: 'access_key_id' of [remote \"store\"]")
     assert lines[1].startswith(".dvc/config:7: 'secret_access_key' of [remote \"store\"]")
     assert "dvc remote modify --unset store secret_access_key" in lines[1]
-    assert "scripts/remote.sh credentials store" in lines[1]
+    assert "scripts/remote.py credentials store" in lines[1]
     assert SECRET not in result.stderr and KEY_ID not in result.stderr
 
 

@@ -13,8 +13,12 @@ import pytest
 import torch
 import yaml
 
-from pcam_pipeline.checkpoints import (
+from pcam_pipeline.errors import RefusedCheckpoint
+from pcam_pipeline.params import TrainParams
+from pcam_pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pcam_pipeline.train.resume import (
     CHECKPOINT_FORMAT,
+    LOGGING_ONLY,
     TRAINED_SECTIONS,
     CheckpointSetAside,
     fingerprint,
@@ -23,9 +27,6 @@ from pcam_pipeline.checkpoints import (
     set_rng_state,
     try_resume,
 )
-from pcam_pipeline.errors import RefusedCheckpoint
-from pcam_pipeline.params import TrainParams
-from pcam_pipeline.repro import load_checkpoint, save_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import small_run_params
 
@@ -65,19 +66,28 @@ def test_a_checkpoint_records_the_params_the_train_stage_declares():
     assert sorted(TRAINED_SECTIONS) == sorted(declared)
     params = small_run_params()
     everything = params.as_dict()
-    unused_timm = {k: v for k, v in everything["train"].items() if k != "timm"}
+    weights_only = {k: v for k, v in everything["train"].items() if k not in LOGGING_ONLY}
+    unused_timm = {k: v for k, v in weights_only.items() if k != "timm"}
     assert recorded_params(params) == {
         **{s: everything[s] for s in TRAINED_SECTIONS},
         "train": unused_timm,  # the CNN's checkpoints did not change when train.timm came
     }
     timm_run = small_run_params(train={"model": "timm"})
-    assert recorded_params(timm_run)["train"] == timm_run.as_dict()["train"]
+    timm_params = {k: v for k, v in timm_run.as_dict()["train"].items() if k not in LOGGING_ONLY}
+    assert recorded_params(timm_run)["train"] == timm_params
+    # What is only logged (the per-step series) is no part of a checkpoint or its fingerprint.
+    sparse = small_run_params(train={"log_every_steps": 1000})
+    assert recorded_params(sparse) == recorded_params(params)
+    assert fingerprint(sparse, {}, "memory") == fingerprint(params, {}, "memory")
     assert fingerprint(timm_run, {}, "memory") != fingerprint(
         small_run_params(train={"model": "timm", "timm": {"name": "resnet50"}}), {}, "memory"
     )
     assert recorded_params(small_run_params(evaluate={"n_slices": 8})) == recorded_params(params)
     # `pcam predict` rebuilds the model from the record.
-    assert TrainParams.model_validate(recorded_params(params)["train"]) == params.train
+    rebuilt = TrainParams.model_validate(recorded_params(params)["train"])
+    assert rebuilt.model_dump(exclude=set(LOGGING_ONLY)) == params.train.model_dump(
+        exclude=set(LOGGING_ONLY)
+    )
     # Another CPU numerics setting is another run: it does not resume this one.
     data = {"train.h5": "a" * 32}
     native = small_run_params(cpu={"numerics": "native"})

@@ -13,11 +13,11 @@ import psutil
 import pytest
 import torch
 
-from pcam_pipeline.distributed import World, first_host, requested_processes, worker_world
+from pcam_pipeline.errors import EXIT_PREEMPTED
 from pcam_pipeline.params import LAUNCHED_PARAMS_ENV, launched_params
-from pcam_pipeline.preemption import EXIT_PREEMPTED
-from pcam_pipeline.repro import load_checkpoint
-from pcam_pipeline.training import shard_positions
+from pcam_pipeline.train.checkpoint import load_checkpoint
+from pcam_pipeline.train.distributed import World, first_host, requested_processes, worker_world
+from pcam_pipeline.train.loop import shard_positions
 from tests.tiny_pipeline import (
     run_pcam,
     run_until_line,

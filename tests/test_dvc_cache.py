@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pcam_pipeline.dvc_cache import link_report, mount_of, parse_mounts, report, site_cache_warning
+from pcam_pipeline.dvc.cache import link_report, mount_of, parse_mounts, report, site_cache_warning
 
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcam_pipeline.dvc_state import known_hashes
+from pcam_pipeline.data import placement
+from pcam_pipeline.data.placement import SourceError
+from pcam_pipeline.dvc.state import known_hashes
 from pcam_pipeline.stages import fetch, preprocess
 from tests.pcam_files import make_pcam_dir
 
@@ -87,7 +89,7 @@ def test_fetch_reuses_dvcs_md5_of_the_source_and_records_its_links(
         fetch={"source": "path", "input": str(source), "checksums": str(dvc_repo / "sums.md5")}
     )
     monkeypatch.chdir(dvc_repo)
-    with pytest.raises(fetch.SourceError, match=f"{victim}: md5 f{{32}} != expected"):
+    with pytest.raises(SourceError, match=f"{victim}: md5 f{{32}} != expected"):
         fetch.main(params)
     os.utime(source / victim)  # the file changed for DVC: its record no longer holds
     fetch.main(params)
@@ -122,7 +124,7 @@ def test_fetch_records_the_shared_copy_too_so_a_second_fetch_reads_nothing(
     fetch.main(params)
     with known_hashes(dvc_repo) as known:
         assert {name: known.md5(source / name) for name in sums} == sums
-    monkeypatch.setattr(fetch, "md5_file", lambda path: pytest.fail(f"{path} read again"))
+    monkeypatch.setattr(placement, "md5_file", lambda path: pytest.fail(f"{path} read again"))
     fetch.main(params)
 
 

@@ -12,8 +12,11 @@ import torch
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from pcam_pipeline import metrics
 from pcam_pipeline.data.loader import DeviceBatches, Split
+from pcam_pipeline.evaluation import metrics
+from pcam_pipeline.evaluation import report as evaluation_report
+from pcam_pipeline.evaluation.confident_errors import confident_errors
+from pcam_pipeline.evaluation.slices import slice_metrics
 from pcam_pipeline.inference import model_from_checkpoint, predict_split
 from pcam_pipeline.stages import evaluate
 from tests.tiny_pipeline import small_run_params, workdir
@@ -95,32 +98,32 @@ def test_threshold_is_chosen_on_validation_not_test(rule):
     assert on_valid == pytest.approx(0.6)
     assert on_test == pytest.approx(0.35), "tuning on test would pick another threshold"
     params = small_run_params(evaluate={"threshold_rule": rule}).evaluate
-    report = evaluate.evaluate(
+    result = evaluation_report.metrics_report(
         VALID_LABELS, VALID_PROBS, TEST_LABELS, TEST_PROBS, np.array([0, 1, 1]), params
     )
-    assert report["threshold"] == {"rule": rule, "value": on_valid, "chosen_on": "valid"}
+    assert result["threshold"] == {"rule": rule, "value": on_valid, "chosen_on": "valid"}
     # at 0.6 only 0.80 is called positive on test: the honest, worse, number is reported
-    assert report["test"]["confusion"] == {"tn": 3, "fp": 0, "fn": 2, "tp": 1}
-    assert report["test"]["accuracy"] == pytest.approx(4 / 6)
+    assert result["test"]["confusion"] == {"tn": 3, "fp": 0, "fn": 2, "tp": 1}
+    assert result["test"]["accuracy"] == pytest.approx(4 / 6)
     tuned_on_test = metrics.classification_report(TEST_LABELS, TEST_PROBS, on_test)
     assert tuned_on_test["accuracy"] == 1.0
-    assert report["gain_over_baseline"]["accuracy"] == pytest.approx(4 / 6 - 0.5)
+    assert result["gain_over_baseline"]["accuracy"] == pytest.approx(4 / 6 - 0.5)
 
 
 def test_fixed_threshold_rule():
     params = small_run_params(evaluate={"threshold_rule": "fixed", "fixed_threshold": 0.25})
-    report = evaluate.evaluate(
+    result = evaluation_report.metrics_report(
         VALID_LABELS, VALID_PROBS, TEST_LABELS, TEST_PROBS, np.array([0, 1]), params.evaluate
     )
-    assert report["threshold"]["value"] == 0.25
+    assert result["threshold"]["value"] == 0.25
 
 
 def test_confident_errors_and_slices():
     labels = np.array([0, 1, 0, 1, 0])
     probs = np.array([0.9, 0.2, 0.6, 0.8, 0.1])
-    assert evaluate.confident_errors(labels, probs, 0.5, 2).tolist() == [0, 1]
+    assert confident_errors(labels, probs, 0.5, 2).tolist() == [0, 1]
     features = {"brightness": np.array([1.0, 2.0, 3.0, 4.0, 5.0])}
-    slices = evaluate.slice_metrics(labels, probs, 0.5, features, n_slices=2)
+    slices = slice_metrics(labels, probs, 0.5, features, n_slices=2)
     assert [row["n"] for row in slices["slices"]] == [2, 3]
     assert slices["worst"]["accuracy"] == 0.0 and slices["worst"]["bin"] == 0
 
@@ -135,7 +138,7 @@ def test_evaluate_stage_uses_the_validation_split_for_the_threshold(
         seen.append(labels.copy())
         return metrics.choose_threshold(labels, probs, rule, fixed)
 
-    monkeypatch.setattr(evaluate, "choose_threshold", spy)
+    monkeypatch.setattr(evaluation_report, "choose_threshold", spy)
     params = small_run_params()
     with workdir(tmp_path, tiny_data):
         evaluate.main(params)

@@ -21,10 +21,10 @@ import yaml
 from torch import nn
 
 from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.evaluation.metrics import auroc
 from pcam_pipeline.export import build, onnx_model
 from pcam_pipeline.export.graph import PatchClassifier
 from pcam_pipeline.inference import model_from_checkpoint, predict_batches
-from pcam_pipeline.metrics import auroc
 from pcam_pipeline.params import ParamsError
 from pcam_pipeline.paths import EXPORT_DIR, EXPORT_REPORT
 from tests.tiny_pipeline import (

@@ -34,7 +34,7 @@ import torch
 
 from pcam_pipeline.data.pcam import split_files
 from pcam_pipeline.errors import DamagedCheckpoint
-from pcam_pipeline.repro import load_checkpoint
+from pcam_pipeline.train.checkpoint import load_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.http_server import Behaviour, gzip_files, serve
 from tests.integration.conftest import require_integration
@@ -138,7 +138,7 @@ def test_a_cut_short_last_pt_is_moved_aside_and_the_next_run_trains_afresh(run_d
     assert f"moved to models/{moved.name};" in line
     assert moved.read_bytes() == left, "kept as it was, not deleted"
     assert not (run_dir / "models" / "last.pt").exists()
-    assert "WARNING pcam_pipeline.checkpoints: models/last.pt was damaged" in result.stderr
+    assert "WARNING pcam_pipeline.train.resume: models/last.pt was damaged" in result.stderr
     assert git_ignores(f"models/{moved.name}"), "git status stays clean"
 
     again = run_cli(["train"], run_dir, tiny_data)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from pcam_pipeline.data.pcam import SPLITS, all_file_names, split_files
+from pcam_pipeline.data.placement import SourceError
 from pcam_pipeline.data.synthetic import generate_split
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.stages import fetch
-from pcam_pipeline.stages.fetch import SourceError
 from tests.conftest import REPO_ROOT
 from tests.pcam_files import make_pcam_dir, read
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from pcam_pipeline.data.loader import DeviceBatches, Split
+from pcam_pipeline.errors import Preempted
 from pcam_pipeline.params import Params
-from pcam_pipeline.preemption import Preempted, StopFlag
-from pcam_pipeline.repro import load_checkpoint
-from pcam_pipeline.trainer import Trainer, fit
-from pcam_pipeline.training import Loop, RunningSums
+from pcam_pipeline.train.checkpoint import load_checkpoint
+from pcam_pipeline.train.loop import Loop, RunningSums
+from pcam_pipeline.train.preemption import StopFlag
+from pcam_pipeline.train.run import Trainer, fit
 from tests.tiny_pipeline import small_run_params, training_outputs, workdir
 
 pytestmark = [
@@ -154,7 +155,7 @@ def test_compiled_step_trains_and_twins_agree(tiny_data, tmp_path, mode):
 def test_out_of_memory_at_a_batch_size_is_a_result():
     from pcam_pipeline.bench.throughput import time_model
     from pcam_pipeline.data.pcam import PATCH_BYTES
-    from pcam_pipeline.training import prepare_model
+    from pcam_pipeline.train.loop import prepare_model
 
     params = small_run_params()
     device = torch.device("cuda")
@@ -175,7 +176,7 @@ def test_ddp_on_one_gpu_trains_exactly_as_the_plain_loop(tiny_data, tmp_path):
 
     import torch.distributed as dist
 
-    from pcam_pipeline.distributed import free_port
+    from pcam_pipeline.train.distributed import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())

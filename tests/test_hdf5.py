@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from pcam_pipeline.data import hashing
-from pcam_pipeline.data.hdf5 import ContiguousWriter, PatchBlocks, scan_blocks, scan_threads
+from pcam_pipeline.data.block_scan import scan_blocks, scan_threads
+from pcam_pipeline.data.reader import PatchBlocks
+from pcam_pipeline.data.writers import ContiguousWriter
 from tests.pcam_files import N, stamped_patches, write_processed
 
 
@@ -136,7 +138,7 @@ def test_a_file_system_without_mmap_falls_back_to_reads(tmp_path, monkeypatch):
     def no_mmap(*args: object, **kwargs: object) -> None:
         raise OSError(19, "No such device")  # what mmap(2) says where a file system lacks it
 
-    monkeypatch.setattr("pcam_pipeline.data.hdf5.mmap.mmap", no_mmap)
+    monkeypatch.setattr("pcam_pipeline.data.reader.mmap.mmap", no_mmap)
     expected = stamped_patches(N)
     with PatchBlocks(path) as reader:
         assert reader.view(0, 10) is None
@@ -181,7 +183,7 @@ def test_contiguous_writer_reads_back_where_hdf5_lays_out_otherwise(tmp_path, mo
     def out_of_order(fd: int, regions):
         return real(fd, None)
 
-    monkeypatch.setattr("pcam_pipeline.data.hdf5.HashedWrites", out_of_order)
+    monkeypatch.setattr("pcam_pipeline.data.writers.HashedWrites", out_of_order)
     path = tmp_path / "x.h5"
     writer = write_contiguous(path, stamped_patches(40), 16)
     assert writer.md5 == hashlib.md5(path.read_bytes()).hexdigest()

@@ -248,6 +248,14 @@ def test_no_stage_runs_another_through_any_chain():
 def test_the_clis_other_commands_are_no_part_of_a_stage():
     assert "src/pcam_pipeline/predict.py" not in stage_closure("train")
     assert "src/pcam_pipeline/data/download.py" not in stage_closure("train")
+    assert "src/pcam_pipeline/data/download.py" not in stage_closure("fetch")
+
+
+def test_editing_a_writer_or_the_block_scan_reruns_no_training_or_evaluation():
+    for stage in ("train", "evaluate"):
+        closure = stage_closure(stage)
+        for module in ("hdf5", "writers", "block_scan"):
+            assert f"src/pcam_pipeline/data/{module}.py" not in closure, (stage, module)
 
 
 def test_the_benchmark_runs_no_validate_or_preprocess_code():
@@ -262,7 +270,7 @@ def test_the_benchmark_runs_no_validate_or_preprocess_code():
         "src/pcam_pipeline/data/checks.py",
         "src/pcam_pipeline/data/scan.py",
         "src/pcam_pipeline/data/prepare.py",
-        "src/pcam_pipeline/bench/full_size.py",
+        "src/pcam_pipeline/perf/full_size.py",
     ):
         assert path not in benchmark and path not in listed, path
     assert {"validate", "preprocess", "fetch.seed"}.isdisjoint(listed_params("benchmark")), (

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from pcam_pipeline.data import loader
-from pcam_pipeline.data.hdf5 import PatchBlocks
 from pcam_pipeline.data.loader import (
     Split,
     apply_symmetries,
@@ -24,6 +23,7 @@ from pcam_pipeline.data.loader import (
     symmetry_codes,
 )
 from pcam_pipeline.data.pcam import PATCH_BYTES
+from pcam_pipeline.data.reader import PatchBlocks
 from pcam_pipeline.params import LoaderParams
 from tests.pcam_files import N, stamped_patches, write_processed
 

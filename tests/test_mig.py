@@ -12,10 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from pcam_pipeline import distributed
 from pcam_pipeline.data.loader import Split
 from pcam_pipeline.data.processed import ProcessedData
-from pcam_pipeline.distributed import WorkersFailed, mig_processes
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.runtime import (
     GIB,
@@ -25,7 +23,9 @@ from pcam_pipeline.runtime import (
     mig_uuids,
     out_of_memory_error,
 )
-from pcam_pipeline.training import Loop, prove_fit
+from pcam_pipeline.train import distributed
+from pcam_pipeline.train.distributed import WorkersFailed, mig_processes
+from pcam_pipeline.train.loop import Loop, prove_fit
 from tests.tiny_pipeline import small_run_params
 
 SLURM = Path(__file__).resolve().parents[1] / "slurm"
@@ -103,7 +103,7 @@ def test_the_gpu_preflight_line_names_the_slice():
 
 def test_several_slices_train_one_worker_and_say_why(caplog):
     facts = mig_facts([COURSE_GPU, COURSE_GPU], f"{UUID_A},{UUID_B}")
-    with caplog.at_level(logging.WARNING, logger="pcam_pipeline.distributed"):
+    with caplog.at_level(logging.WARNING, logger="pcam_pipeline.train.distributed"):
         assert mig_processes(2, "auto", 1, facts) == 1
     assert "NCCL does not run across MIG instances" in caplog.text
     assert "2 MIG instance(s) (1g.5gb)" in caplog.text
@@ -240,8 +240,8 @@ def test_an_out_of_memory_later_in_training_stops_with_the_error_and_keeps_last_
 ):
     """Epoch 1 trains and saves models/last.pt; epoch 2 runs out of memory (simulated): the
     stage stops with the error, and last.pt is the one epoch 1 saved, byte for byte."""
-    from pcam_pipeline.preemption import StopFlag
-    from pcam_pipeline.trainer import Trainer, fit
+    from pcam_pipeline.train.preemption import StopFlag
+    from pcam_pipeline.train.run import Trainer, fit
     from tests.tiny_pipeline import workdir
 
     real = Trainer.train_epoch
@@ -263,7 +263,7 @@ def test_an_out_of_memory_later_in_training_stops_with_the_error_and_keeps_last_
         f"train.batch_size {params.train.batch_size}" in message
         and "Tried to allocate 3.00 GiB" in message
     )
-    from pcam_pipeline.repro import load_checkpoint
+    from pcam_pipeline.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "models" / "last.pt")["progress"]["epoch"] == 1
     assert last == (tmp_path / "models" / "last.pt").read_bytes()

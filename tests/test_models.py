@@ -8,9 +8,14 @@ import torch
 from torch import nn
 
 from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.models import GlobalMean, TimmModel, build_model, deterministic_pooling
+from pcam_pipeline.models.architectures import (
+    GlobalMean,
+    TimmModel,
+    build_model,
+    deterministic_pooling,
+)
 from pcam_pipeline.params import TimmParams
-from pcam_pipeline.training import portable_convolutions
+from pcam_pipeline.train.loop import portable_convolutions
 from tests.tiny_pipeline import small_run_params
 
 timm = pytest.importorskip("timm", reason="timm is not installed: `make setup` installs it")

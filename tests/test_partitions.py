@@ -1,4 +1,4 @@
-"""The partition throughput table (src/pcam_pipeline/bench/partitions.py) from benchmark results
+"""The partition throughput table (src/pcam_pipeline/perf/partitions.py) from benchmark results
 named as slurm/benchmark.sbatch names them: a course's thin_course and gpu_course (a MIG slice)
 side by side, with the batch where the slice overtakes the CPU partition."""
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pcam_pipeline.bench.partitions import (
+from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.perf.partitions import (
     JSON_NAME,
     TABLE_NAME,
     build_table,
@@ -18,7 +19,6 @@ from pcam_pipeline.bench.partitions import (
     main,
     write_table,
 )
-from pcam_pipeline.errors import PipelineError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLICE = "NVIDIA A100-SXM4-40GB MIG 1g.5gb"

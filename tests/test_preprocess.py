@@ -89,7 +89,7 @@ def test_threads_and_source_layout_do_not_change_the_output(project, small_param
     )
 
     def run(threads: int) -> tuple[dict[str, np.ndarray], str]:
-        monkeypatch.setattr("pcam_pipeline.data.hdf5.scan_threads", lambda: threads)
+        monkeypatch.setattr("pcam_pipeline.data.block_scan.scan_threads", lambda: threads)
         preprocess.main(params)
         with h5py.File("data/processed/train.h5", "r") as handle:
             arrays = {key: handle[key][...] for key in ("x", "y", "index")}

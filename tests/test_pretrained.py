@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.models import build_model
-from pcam_pipeline.pretrained import load_pretrained
-from pcam_pipeline.repro import load_checkpoint
-from pcam_pipeline.training import prepare_model
+from pcam_pipeline.models.architectures import build_model
+from pcam_pipeline.models.pretrained import load_pretrained
+from pcam_pipeline.train.checkpoint import load_checkpoint
+from pcam_pipeline.train.loop import prepare_model
 from tests.tiny_pipeline import small_run_params, train_in, workdir
 
 pytest.importorskip("timm", reason="timm is not installed: `make setup` installs it")

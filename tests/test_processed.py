@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from pcam_pipeline.data.channel_stats import ChannelStats
-from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
 from pcam_pipeline.data.processed import ProcessedData, normalisation
+from pcam_pipeline.data.writers import ProcessedLayout, ProcessedWriter
 from tests.pcam_files import stamped_patches
 
 

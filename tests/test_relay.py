@@ -1,5 +1,6 @@
-"""pcam_pipeline.relay on real processes: which ones are training, which one gets the stop signal,
-and the exit status it passes on (the whole chain under slurm/lib.sh is in test_slurm_scripts)."""
+"""pcam_pipeline.train.relay on real processes: which ones are training, which one gets the stop
+signal, and the exit status it passes on
+(the whole chain under slurm/lib.sh is in test_slurm_scripts)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pcam_pipeline import relay
+from pcam_pipeline.train import relay
 
 VENV = "/home/u/pcam/.venv/bin"
 
@@ -28,7 +29,10 @@ VENV = "/home/u/pcam/.venv/bin"
         ([f"{VENV}/python", f"{VENV}/dvc", "repro", "train"], False),
         (["/bin/sh", "-c", "pcam train"], False),
         (["srun", "--overlap", f"{VENV}/python", "-m", "pcam_pipeline.cli", "train"], False),
-        (["python", "-m", "pcam_pipeline.relay", "--stop-file", "f", "--", "dvc", "repro"], False),
+        (
+            ["python", "-m", "pcam_pipeline.train.relay", "--stop-file", "f", "--", "dvc", "repro"],
+            False,
+        ),
         ([], False),
     ],
 )

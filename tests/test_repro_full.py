@@ -1,4 +1,4 @@
-"""bench/repro_full.py's arithmetic: a stage's own time from the timestamped `dvc repro` output,
+"""perf/repro_full.py's arithmetic: a stage's own time from the timestamped `dvc repro` output,
 and disk used with hard links counted once."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pcam_pipeline.bench.children import PerfError
-from pcam_pipeline.bench.repro_full import STAGE_DONE, data_stages_yaml, disk_used, split_times
+from pcam_pipeline.perf.children import PerfError
+from pcam_pipeline.perf.repro_full import STAGE_DONE, data_stages_yaml, disk_used, split_times
 from tests.conftest import REPO_ROOT
 
 OUTPUT = [

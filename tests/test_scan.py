@@ -71,7 +71,7 @@ def test_thread_count_does_not_change_the_report(pcam, small_params, monkeypatch
     params = small_params.validate_.model_copy(update={"block_patches": 7})
     reports = []
     for threads in (1, 3):
-        monkeypatch.setattr("pcam_pipeline.data.hdf5.scan_threads", lambda n=threads: n)
+        monkeypatch.setattr("pcam_pipeline.data.block_scan.scan_threads", lambda n=threads: n)
         reports.append(validate_dir(pcam, params))
     assert reports[0] == reports[1]
     assert reports[0]["leakage"] == {"train/test": 1}
@@ -82,7 +82,7 @@ def test_corrupt_chunk_in_a_later_block_with_threads(pcam, small_params, monkeyp
     threads, the damage in rows 40..47."""
     x, _ = read(pcam, "train")
     write_corrupt_chunk(split_files(pcam, "train")[0], "x", x, chunk_rows=8, bad_chunk=5)
-    monkeypatch.setattr("pcam_pipeline.data.hdf5.scan_threads", lambda: 3)
+    monkeypatch.setattr("pcam_pipeline.data.block_scan.scan_threads", lambda: 3)
     params = small_params.validate_.model_copy(update={"block_patches": 5})
     [corrupt] = problems(validate_dir(pcam, params), "corrupt")
     assert corrupt["indices"][0] == 40 and "patches 40..47 cannot be read" in corrupt["message"]

@@ -1,4 +1,4 @@
-"""The serving load test (`python -m pcam_pipeline.bench.serve_load`), shortened: locust drives
+"""The serving load test (`python -m pcam_pipeline.perf.serve_load`), shortened: locust drives
 `pcam serve` headless, in-process ONNX Runtime is timed at the same batch sizes, and the report
 holds both side by side with latency percentiles and errors. About 30 s: in the fast set, so
 `make coverage` measures the load test's code."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pcam_pipeline.bench import serve_load
+from pcam_pipeline.perf import serve_load
 
 
 def test_the_load_test_reports_served_and_in_process_side_by_side(

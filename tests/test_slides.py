@@ -26,8 +26,7 @@ import pytest
 from PIL import Image
 
 from pcam_pipeline import cli
-from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.preemption import Preempted
+from pcam_pipeline.errors import PipelineError, Preempted
 from pcam_pipeline.slides import run
 from pcam_pipeline.slides.summary import Tissue, heatmap, summarise
 from tests.slides import tissue_mask, tumour_slide_pixels, write_test_slide
@@ -201,7 +200,7 @@ def test_bad_lists_and_models_are_named(tmp_path: Path):
 def test_the_bench_scores_a_generated_pyramid_in_a_child_and_compares(
     exported_run: Path, tmp_path: Path
 ):
-    from pcam_pipeline.bench import slides as bench
+    from pcam_pipeline.perf import slide_scoring as bench
 
     out = tmp_path / "report.json"
     argv = ["--size", "2000", "--tissue-fraction", "0.2", "--compare", "64"]

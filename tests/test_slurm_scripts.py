@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pcam_pipeline import relay
+from pcam_pipeline.train import relay
 from tests.conftest import REPO_ROOT
 
 SLURM = REPO_ROOT / "slurm"
@@ -319,7 +319,7 @@ def run_harness(
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    # The venv's python (this one, with its packages) runs the relay, pcam_pipeline.relay.
+    # The venv's python (this one, with its packages) runs the relay, pcam_pipeline.train.relay.
     python = f'#!/bin/sh\nexec "{sys.executable}" "$@"\n'
     fakes = {"pcam": FAKE_PCAM, "dvc": FAKE_DVC, "scontrol": FAKE_SCONTROL, "python": python}
     for name, text in fakes.items():
@@ -501,13 +501,18 @@ def test_every_job_warns_that_it_runs_the_commit(submit_env):
 # --- gpu-check.py: what stops a GPU job, and the fix it names -------------------------------------
 
 
-def gpu_problems(**overrides) -> list[str]:
+def gpu_check_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_check", SLURM / "gpu-check.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def gpu_problems(**overrides) -> list[str]:
+    module = gpu_check_module()
     facts = {
         "torch_version": "2.13.0+cu130",
         "torch_cuda": "13.0",
@@ -539,6 +544,24 @@ def test_gpu_check_names_an_old_driver():
     (problem,) = gpu_problems(driver="550.54.15", min_driver=None, cuda_available=False)
     assert "older than the 580" in problem
     assert gpu_problems(driver="525.60.13", torch_cuda="12.6", min_driver="525.60.13") == []
+
+
+def test_the_driver_table_is_one_file_that_the_image_build_and_the_check_agree_on():
+    """containers/cuda-min-driver.txt is the only copy: build.sh records its row in the image,
+    gpu-check.py falls back on it in a venv job."""
+    table = gpu_check_module().min_driver_by_cuda_major()
+    assert table["13"] == "580" and {"12", "11"} <= set(table)
+    for major, driver in table.items():
+        built = subprocess.run(
+            [REPO_ROOT / "containers" / "build.sh", "print-min-driver"],
+            env={**os.environ, "TORCH_VARIANT": f"cu{major}8"},
+            text=True,
+            capture_output=True,
+            check=True,
+        )
+        assert built.stdout.strip() == driver
+    for user in ("containers/build.sh", "slurm/gpu-check.py"):
+        assert not set(table.values()) & set((REPO_ROOT / user).read_text().split()), user
 
 
 def test_gpu_check_names_a_gpu_not_passed_in():

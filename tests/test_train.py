@@ -17,13 +17,15 @@ import torch
 import yaml
 
 from pcam_pipeline import numerics
-from pcam_pipeline.checkpoints import CHECKPOINT_FORMAT, recorded_params
-from pcam_pipeline.models import CNN, MLP, build_model
+from pcam_pipeline.errors import EXIT_PREEMPTED, Preempted
+from pcam_pipeline.models.architectures import CNN, MLP, build_model
 from pcam_pipeline.params import TrainParams
-from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted, StopFlag
-from pcam_pipeline.repro import load_checkpoint, md5_file
-from pcam_pipeline.trainer import Trainer, is_better
-from pcam_pipeline.training import TrainStep
+from pcam_pipeline.repro import md5_file
+from pcam_pipeline.train.checkpoint import load_checkpoint
+from pcam_pipeline.train.loop import TrainStep
+from pcam_pipeline.train.preemption import StopFlag
+from pcam_pipeline.train.resume import CHECKPOINT_FORMAT, recorded_params
+from pcam_pipeline.train.run import Trainer, is_better
 from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import (
     run_pcam,
@@ -48,8 +50,11 @@ OUTPUT_FILES = sorted(
     [
         "models/best.pt",
         "models/last.pt",
+        "models/last.steps.json",  # the per-step series, beside the checkpoint
         "dvclive/train/metrics.json",
         *(f"dvclive/train/plots/metrics/{name}.tsv" for name in METRICS),
+        "dvclive/train/plots/metrics/steps/grad_norm.tsv",
+        "dvclive/train/plots/metrics/steps/lr.tsv",
     ]
 )
 
@@ -296,6 +301,29 @@ def test_dvclive_logs_every_epoch_without_timestamps(trained_run):
     assert paths and all((trained_run / path).is_file() for path in paths)
 
 
+def test_dvclive_logs_the_gradient_norm_and_lr_per_step(trained_run):
+    """The course's per-step gradient norm (train.log_every_steps, 1 here): a point per optimiser
+    step, whose mean over an epoch is that epoch's logged norm; kept beside last.pt too."""
+    history = load_checkpoint(trained_run / "models" / "last.pt")["progress"]["history"]
+    plots = trained_run / "dvclive" / "train" / "plots" / "metrics" / "steps"
+    series = {}
+    for name in ("grad_norm", "lr"):
+        header, *rows = (plots / f"{name}.tsv").read_text().splitlines()
+        assert header == f"step\t{name}"
+        series[name] = [(int(s), float(v)) for s, v in (row.split("\t") for row in rows)]
+    steps = [step for step, _ in series["grad_norm"]]
+    assert len(steps) > len(history) and steps == list(range(1, len(steps) + 1))
+    per_epoch = len(steps) // len(history)
+    for epoch, row in enumerate(history):
+        norms = [v for _, v in series["grad_norm"][epoch * per_epoch : (epoch + 1) * per_epoch]]
+        assert sum(norms) / len(norms) == pytest.approx(row["grad_norm"], rel=1e-6)
+        assert series["lr"][(epoch + 1) * per_epoch - 1][1] == pytest.approx(row["lr"])
+    kept = json.loads((trained_run / "models" / "last.steps.json").read_text())
+    assert [row["step"] for row in kept] == steps
+    summary = json.loads((trained_run / "dvclive" / "train" / "metrics.json").read_text())
+    assert "steps" not in summary  # plots only: metrics.json holds the epoch's numbers
+
+
 SCRIPTED = [  # validation results of three epochs: each metric prefers a different epoch
     {"val_auroc": 0.95, "val_loss": 0.60, "val_accuracy": 0.70},
     {"val_auroc": 0.90, "val_loss": 0.30, "val_accuracy": 0.75},
@@ -330,7 +358,7 @@ def test_best_checkpoint_is_chosen_by_select_metric(
 
     results = iter(SCRIPTED)
     monkeypatch.setattr(Trainer, "train_epoch", scripted_epoch)
-    monkeypatch.setattr("pcam_pipeline.trainer.evaluate_split", lambda *args: dict(next(results)))
+    monkeypatch.setattr("pcam_pipeline.train.run.evaluate_split", lambda *args: dict(next(results)))
     params = small_run_params(train={"model": "mlp", "epochs": 3, "select_metric": metric})
     train_in(tmp_path, tiny_data, params)
 
@@ -351,7 +379,7 @@ def test_signal_between_epochs_stops_before_the_next_one(tiny_data, tmp_path, mo
         return dict(SCRIPTED[0])
 
     monkeypatch.setattr(Trainer, "train_epoch", quick_epoch)
-    monkeypatch.setattr("pcam_pipeline.trainer.evaluate_split", validate_then_sigusr1)
+    monkeypatch.setattr("pcam_pipeline.train.run.evaluate_split", validate_then_sigusr1)
     with pytest.raises(Preempted, match="stopped by SIGUSR1 before epoch 2;"):
         train_in(tmp_path, tiny_data, small_run_params(train={"model": "mlp", "epochs": 3}))
     saved = load_checkpoint(tmp_path / "models" / "last.pt")["progress"]
@@ -366,7 +394,7 @@ def test_plateau_decays_after_patience_epochs_without_a_new_best(
     # after each bad epoch, patience 2 only after the second in a row.
     losses = iter([0.5, 0.6, 0.7, 0.4])
     monkeypatch.setattr(
-        "pcam_pipeline.trainer.evaluate_split",
+        "pcam_pipeline.train.run.evaluate_split",
         lambda *args: {"val_loss": next(losses), "val_accuracy": 0.5, "val_auroc": 0.5},
     )
     plateau = {"schedule": "plateau", "warmup_epochs": 0, "plateau_patience": patience}

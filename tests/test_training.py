@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pcam_pipeline.training import Plateau, learning_rate, lr_factor
+from pcam_pipeline.train.loop import Plateau, learning_rate, lr_factor
 from tests.tiny_pipeline import small_run_params
 
 STEPS = 10  # steps per epoch

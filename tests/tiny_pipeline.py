@@ -24,9 +24,9 @@ import torch
 import yaml
 
 from pcam_pipeline.data.channel_stats import ChannelStats
-from pcam_pipeline.data.hdf5 import ProcessedLayout, ProcessedWriter
 from pcam_pipeline.data.processed import ProcessedData
 from pcam_pipeline.data.synthetic import generate_split
+from pcam_pipeline.data.writers import ProcessedLayout, ProcessedWriter
 from pcam_pipeline.params import Params, parse_params
 from pcam_pipeline.paths import EXPORT_REPORT
 from tests.conftest import raw_params_with
@@ -42,6 +42,7 @@ SMALL_TRAIN: dict[str, Any] = {
     "mlp": {"hidden_sizes": [32], "dropout": 0.2},
     "warmup_epochs": 1,
     "device": "cpu",
+    "log_every_steps": 1,  # the per-step series at every step: resumes must rebuild all of it
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from pcam_pipeline import numerics
-from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.errors import EXIT_PREEMPTED, PipelineError, Preempted
 from pcam_pipeline.params import ParamsError, launched_params, load_params, overridden
 from pcam_pipeline.paths import (
     BEST_CHECKPOINT,
@@ -23,7 +23,6 @@ from pcam_pipeline.paths import (
     RAW_DIR,
     RUNTIME_LOCK,
 )
-from pcam_pipeline.preemption import EXIT_PREEMPTED, Preempted
 
 STAGES = (
     "fetch", "validate", "preprocess", "train", "evaluate", "export", "export_bench", "benchmark",
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "weights":
-            from pcam_pipeline import weights
+            from pcam_pipeline.models import weights
 
             weights.main(args.tag)
             return 0
@@ -271,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         params = launched_params(os.environ) or load_params(args.params)
         numerics.pin(params.cpu.numerics)
         if args.command == "download":
-            from pcam_pipeline.stages import fetch
+            from pcam_pipeline.data.download import download_release
 
-            fetch.download(params.fetch, args.dir)
+            download_release(params.fetch, args.dir)
             return 0
         stage = importlib.import_module(f"pcam_pipeline.stages.{args.command}")
         stage.main(params)

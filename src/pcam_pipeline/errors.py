@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again": the next run of the stage resumes
+
+
+class Preempted(Exception):
+    """A stop signal arrived and the work in hand was saved (the CLI exits EXIT_PREEMPTED)."""
+
 
 class PipelineError(RuntimeError):
     """Bad input or state the user can fix; the message names the file, the field and the fix."""
@@ -29,3 +35,9 @@ class RefusedCheckpoint(CheckpointError):
 class NoSpace(PipelineError):
     """The file system a stage writes to has not enough free space (found before writing, or
     when a write failed with ENOSPC)."""
+
+
+def first_sentence(text: str, limit: int = 200) -> str:
+    """What an error message says before its advice (torch's run to paragraphs)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.split(". ")[0].rstrip(".")[:limit]

@@ -11,11 +11,12 @@ from torch import nn
 
 from pcam_pipeline.data.loader import DeviceBatches, apply_symmetries, normalise, symmetry_tables
 from pcam_pipeline.data.processed import normalisation
-from pcam_pipeline.errors import CheckpointError
-from pcam_pipeline.models import build_model
+from pcam_pipeline.errors import CheckpointError, PipelineError, first_sentence
+from pcam_pipeline.models.architectures import build_model
 from pcam_pipeline.params import TrainParams
-from pcam_pipeline.repro import first_sentence, load_checkpoint
+from pcam_pipeline.paths import BEST_CHECKPOINT
 from pcam_pipeline.runtime import uses_channels_last
+from pcam_pipeline.train.checkpoint import load_checkpoint
 
 # Test-time augmentation: the symmetry codes (data/loader.py's) a patch is scored under. Flips:
 # identity, rows, columns, both (rotation by 180 degrees); d8: with the transposes, all 8.
@@ -99,3 +100,17 @@ def model_from_checkpoint(
     if uses_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     return model, mean, std, checkpoint
+
+
+def trained_model(
+    device: torch.device,
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The pipeline's models/best.pt as `model_from_checkpoint` gives it, for the stages after
+    train. It is a DVC output: never moved aside (DVC restores it from its cache), only named."""
+    try:
+        return model_from_checkpoint(BEST_CHECKPOINT, device)
+    except CheckpointError as error:
+        raise PipelineError(
+            f"{BEST_CHECKPOINT}: {error.reason}. Fix: train again (`dvc repro train`) or "
+            f"restore it from the DVC cache (`dvc checkout {BEST_CHECKPOINT}`)"
+        ) from None

@@ -174,6 +174,9 @@ class TrainParams(_Section):
     # allocation of several tasks, one per task.
     devices: Literal["auto"] | Annotated[int, Field(ge=1)]
     select_metric: Literal["val_auroc", "val_loss", "val_accuracy"]
+    # dvclive's per-step series (gradient norm, learning rate) every N optimiser steps; 0 = off.
+    # Logging only: no part of a checkpoint or of what a run may resume from.
+    log_every_steps: int = Field(default=10, ge=0)
 
     @field_validator("compile", mode="before")
     @classmethod

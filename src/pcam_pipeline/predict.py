@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from pcam_pipeline.data.pcam import PATCH_SHAPE
-from pcam_pipeline.errors import CheckpointError, PipelineError
+from pcam_pipeline.errors import CheckpointError, PipelineError, first_sentence
 from pcam_pipeline.inference import model_from_checkpoint, predict_batches
-from pcam_pipeline.repro import atomic_path, first_sentence
+from pcam_pipeline.repro import atomic_path
 from pcam_pipeline.runtime import resolve_device, uses_bf16
 
 HDF5_SUFFIXES = (".h5", ".hdf5")

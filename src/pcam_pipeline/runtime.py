@@ -153,7 +153,7 @@ def nvidia_smi_list() -> str | None:
 def gpu_record(ask_smi: bool = False) -> dict[str, Any] | None:
     """This process's GPUs for a provenance or environment record: their names and the MIG
     facts; None without CUDA (a CPU run's record is unchanged). `ask_smi` also runs
-    `nvidia-smi -L` (seconds; the benchmark and the GPU check, not every checkpoint save)."""
+    `nvidia-smi -L` (seconds; the benchmarks, not every checkpoint save)."""
     if not torch.cuda.is_available():
         return None
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

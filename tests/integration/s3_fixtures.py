@@ -1,7 +1,7 @@
 """Helpers for tests/integration/test_remote.py: a real S3 server and small DVC repositories.
 
 The S3 server is moto[server], started and stopped only through the project's own
-scripts/s3-server.sh, on a free loopback port. Repositories are real git + DVC repositories in
+scripts/s3-server.py, on a free loopback port. Repositories are real git + DVC repositories in
 tmp directories; every DVC command runs as a subprocess the way a user would type it.
 """
 
@@ -21,8 +21,8 @@ from tests.conftest import REPO_ROOT
 from tests.integration.conftest import free_port, project_env, require_integration, run_command
 
 SCRIPTS = REPO_ROOT / "scripts"
-S3_SERVER = SCRIPTS / "s3-server.sh"
-REMOTE = SCRIPTS / "remote.sh"
+S3_SERVER = SCRIPTS / "s3-server.py"
+REMOTE = SCRIPTS / "remote.py"
 SHARED_CACHE = SCRIPTS / "shared-cache.sh"
 GUARD = SCRIPTS / "check-no-credentials.py"
 
@@ -78,7 +78,7 @@ def output(result: subprocess.CompletedProcess[str]) -> str:
 # --- the S3 server ------------------------------------------------------------------------------
 @dataclass
 class S3Server:
-    """One moto server run through scripts/s3-server.sh (start/stop by PID)."""
+    """One moto server run through scripts/s3-server.py (start/stop by PID)."""
 
     state_dir: Path
     bucket: str
@@ -124,12 +124,12 @@ class S3Server:
         result = self._script("start", *args)
         if result.returncode != 0:
             self._script("stop")  # whatever it left running, by the PID it recorded
-            raise RuntimeError(f"scripts/s3-server.sh start failed:\n{output(result)}")
+            raise RuntimeError(f"scripts/s3-server.py start failed:\n{output(result)}")
 
     def stop(self) -> None:
         result = self._script("stop")
         if result.returncode != 0:
-            raise RuntimeError(f"scripts/s3-server.sh stop failed:\n{output(result)}")
+            raise RuntimeError(f"scripts/s3-server.py stop failed:\n{output(result)}")
 
     def pid(self) -> int | None:
         pid_file = self.state_dir / "server.pid"

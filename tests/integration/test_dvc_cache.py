@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcam_pipeline.bench.repro_full import make_repo
 from pcam_pipeline.data.pcam import all_file_names
+from pcam_pipeline.perf.repro_full import make_repo
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import run
 from tests.pcam_files import make_pcam_dir
@@ -151,14 +151,14 @@ def test_links_protected_outputs_checkout_and_gc(data_repo: tuple[Path, Path], t
 
 def test_the_cache_check_names_the_link_type_used(data_repo: tuple[Path, Path]):
     repo, _ = data_repo
-    result = run(["python", "-m", "pcam_pipeline.dvc_cache"], repo)
+    result = run(["python", "-m", "pcam_pipeline.dvc.cache"], repo)
     assert "dvc cache: cache.type hardlink: works" in result.stdout
     if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(repo).st_dev:
         pytest.skip("no second file system (/dev/shm) to put the cache on")
     cache = Path("/dev/shm") / f"pcam-test-cache-{os.getpid()}"
     try:
         run(["dvc", "cache", "dir", "--local", str(cache)], repo)
-        result = run(["python", "-m", "pcam_pipeline.dvc_cache"], repo)
+        result = run(["python", "-m", "pcam_pipeline.dvc.cache"], repo)
         assert "warning: cache.type falls back to symlink" in result.stdout
         assert "hardlink not supported: Invalid cross-device link" in result.stdout
     finally:

@@ -18,7 +18,7 @@ import h5py
 import pytest
 import yaml
 
-from pcam_pipeline.repro import load_checkpoint
+from pcam_pipeline.train.checkpoint import load_checkpoint
 from tests.integration.conftest import (
     VENV_BIN,
     copy_project,

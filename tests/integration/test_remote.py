@@ -1,6 +1,6 @@
 """The DVC remote on S3 and the shared group cache (issue 8), against a real S3 server.
 
-A session-scoped moto server is started through scripts/s3-server.sh on a free loopback port
+A session-scoped moto server is started through scripts/s3-server.py on a free loopback port
 (bucket created, public-read like an HTTP mirror, stopped at the end). Tests that need
 authentication or that kill the server start their own instance the same way.
 """
@@ -225,7 +225,7 @@ def test_http_mirror_pulls_without_credentials_and_refuses_push(
 def test_corrupted_remote_object_is_detected_and_not_checked_out(
     data_repo: Path, s3: S3Server, prefix: str, tmp_path: Path
 ):
-    add_remote(data_repo, s3, prefix)  # verify = true (scripts/remote.sh default)
+    add_remote(data_repo, s3, prefix)  # verify = true (scripts/remote.py default)
     commit(data_repo, "remote")
     origin = bare_origin(data_repo, tmp_path / "origin.git")
     sh(["dvc", "push"], data_repo, credentials=ANY_CREDENTIALS)
@@ -243,7 +243,7 @@ def test_corrupted_remote_object_is_detected_and_not_checked_out(
     assert not (clone / "data" / "raw").exists(), "corrupt data was checked out"
     assert f"{oid[:2]}/{oid[2:]}" not in cache_objects(clone / ".dvc" / "cache")
 
-    # Why scripts/remote.sh sets verify: without it DVC trusts the store and checks out rot.
+    # Why scripts/remote.py sets verify: without it DVC trusts the store and checks out rot.
     trusting = fresh_clone(origin, tmp_path / "trusting")
     sh(["dvc", "remote", "modify", "--local", "store", "verify", "false"], trusting)
     sh(["dvc", "pull"], trusting, credentials=ANY_CREDENTIALS)
@@ -282,7 +282,7 @@ def test_push_with_wrong_credentials_fails_clearly_and_keeps_the_cache(
         check = sh([REMOTE, "check", "store"], data_repo, credentials=creds, check=False)
         assert check.returncode == 1
         assert code in check.stderr and words in check.stderr
-        assert "scripts/remote.sh credentials store" in check.stderr
+        assert "scripts/remote.py credentials store" in check.stderr
         assert creds["AWS_SECRET_ACCESS_KEY"] not in check.stderr
     missing = sh([REMOTE, "check", "store"], data_repo, check=False)
     assert "no credentials found" in missing.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pcam_pipeline.repro import load_checkpoint
+from pcam_pipeline.train.checkpoint import load_checkpoint
 from tests.integration.slurm_fixtures import (
     APPTAINER_STANDIN,
     NVIDIA_SMI_STANDIN,
@@ -87,8 +87,8 @@ def untrained_workspace(
     return make_workspace(slurm_cluster, submit_repo, cache, tmp_path)
 
 
-# How lib.sh runs a command that training may be in: under the relay (pcam_pipeline.relay).
-RELAY = ["python", "-m", "pcam_pipeline.relay", "--stop-file"]
+# How lib.sh runs a command that training may be in: under the relay (pcam_pipeline.train.relay).
+RELAY = ["python", "-m", "pcam_pipeline.train.relay", "--stop-file"]
 
 
 def command(argv: list[str]) -> list[str]:
@@ -257,7 +257,7 @@ def preempted_mid_training(ws: Workspace, *options: str, **env: str) -> tuple[st
     checkpoint, requeue itself, resume and complete: its id and log."""
     job = ws.submit(*options, "repro", **env)
     log_path = ws.log(f"pcam-repro-{job}.out")
-    wait_for_line(log_path, r"pcam_pipeline\.trainer: epoch 1:", 1200, ws.cluster, job)
+    wait_for_line(log_path, r"pcam_pipeline\.train\.run: epoch 1:", 1200, ws.cluster, job)
     run(["scancel", "--signal=USR1", "--batch", job], env=ws.cluster.env)
     record = ws.cluster.wait(job, timeout=1200, log=log_path)
     log = log_path.read_text()

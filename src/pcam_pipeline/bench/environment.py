@@ -1,4 +1,4 @@
-"""Where a measurement ran, recorded one way for the benchmark stage and the GPU check: the
+"""Where a measurement ran, recorded one way for the benchmark stage and the GPU loop benchmark: the
 library builds, the GPU and its driver, the CPU and its numerics, memory and load, and the
 container and job (`repro.run_environment`, which the checkpoints' provenance records too)."""
 

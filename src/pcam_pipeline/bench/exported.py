@@ -21,10 +21,10 @@ import torch
 from pcam_pipeline import numerics
 from pcam_pipeline.bench.measure import median
 from pcam_pipeline.data.loader import Split
+from pcam_pipeline.evaluation.metrics import auroc
 from pcam_pipeline.export.build import FP32_FILE, INT8_FILE
 from pcam_pipeline.export.onnx_model import onnx_probabilities, session
 from pcam_pipeline.inference import model_from_checkpoint, predict_batches
-from pcam_pipeline.metrics import auroc
 from pcam_pipeline.params import Params
 from pcam_pipeline.paths import BEST_CHECKPOINT, EXPORT_DIR, METRICS_FILE
 from pcam_pipeline.repro import read_json

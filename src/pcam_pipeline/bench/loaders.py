@@ -29,10 +29,10 @@ import torch
 
 from pcam_pipeline.bench.measure import median, rate
 from pcam_pipeline.bench.timing import loader_epoch
-from pcam_pipeline.data.hdf5 import PatchBlocks
 from pcam_pipeline.data.loader import Split, augment, normalise
 from pcam_pipeline.data.pcam import PATCH_BYTES, PATCH_SHAPE
 from pcam_pipeline.data.processed import normalisation
+from pcam_pipeline.data.reader import PatchBlocks
 from pcam_pipeline.params import LoaderParams, Params
 
 LOADER_REPEATS = 5

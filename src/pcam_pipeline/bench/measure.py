@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pcam_pipeline.data.hdf5 import PatchBlocks, blocks
+from pcam_pipeline.data.hdf5 import blocks
+from pcam_pipeline.data.reader import PatchBlocks
 
 PCAM_TRAIN_PATCHES = 262_144  # one epoch of the real PCAM train split
 

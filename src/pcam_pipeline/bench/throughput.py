@@ -30,10 +30,10 @@ from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.data.pcam import PATCH_SHAPE
 from pcam_pipeline.data.processed import ProcessedData, normalisation
 from pcam_pipeline.inference import predict_batches
-from pcam_pipeline.models import build_model
+from pcam_pipeline.models.architectures import build_model
 from pcam_pipeline.params import BenchmarkParams, Params, TrainParams
 from pcam_pipeline.runtime import processed_data, resolve_device, uses_bf16
-from pcam_pipeline.training import TrainStep, build_optimizer, prepare_model
+from pcam_pipeline.train.loop import TrainStep, build_optimizer, prepare_model
 
 log = logging.getLogger(__name__)
 ROW_BUDGET_S = 1.0  # timed seconds per model measurement, at most (keeps the stage short)

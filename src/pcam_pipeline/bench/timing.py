@@ -14,7 +14,7 @@ from pcam_pipeline.bench.measure import PCAM_TRAIN_PATCHES, rate
 from pcam_pipeline.data.loader import DeviceBatches, Split
 from pcam_pipeline.params import LoaderParams, TrainParams
 from pcam_pipeline.runtime import uses_bf16
-from pcam_pipeline.training import Loop, RunningSums, resident_batches
+from pcam_pipeline.train.loop import Loop, RunningSums, resident_batches
 
 
 def synchronize(device: torch.device) -> None:

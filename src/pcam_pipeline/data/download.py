@@ -1,4 +1,5 @@
-"""Download PCAM files over HTTP(S): resumable, md5-verified, renamed into place when good."""
+"""`pcam download`: PCAM files over HTTP(S), resumable, md5-verified, renamed into place when
+good."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from pcam_pipeline.dvc_state import known_hashes
+from pcam_pipeline.data.pcam import all_file_names, checksums_from
+from pcam_pipeline.dvc.state import known_hashes
 from pcam_pipeline.errors import NoSpace, PipelineError
+from pcam_pipeline.params import FetchParams
+from pcam_pipeline.paths import RAW_DIR
 from pcam_pipeline.repro import (
     HASH_BLOCK,
     atomic_path,
@@ -180,3 +184,14 @@ def download_pcam_file(
     with known_hashes(target_dir) as known:
         known.record(final, md5)
     return final
+
+
+def download_release(params: FetchParams, target_dir: Path = RAW_DIR) -> list[Path]:
+    """`pcam download`: the official files (or fetch.zenodo_url's) into data/raw, verified."""
+    h5_md5, gz_md5 = checksums_from(params.checksums)
+    return [
+        download_pcam_file(
+            params.zenodo_url, name, target_dir, h5_md5.get(name), gz_md5.get(f"{name}.gz")
+        )
+        for name in all_file_names()
+    ]

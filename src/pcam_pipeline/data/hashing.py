@@ -4,7 +4,7 @@ DVC names every file it tracks by its md5. A stage that knows the md5 of what it
 record it in DVC's state (`dvc_state`), and DVC then hashes nothing after the stage. That needs
 the md5 of the file's final bytes, in order: `InOrderMD5` takes a file whose bytes are final
 except in some regions that are then filled in file order (an HDF5 file whose datasets were
-allocated but not written, `hdf5.ContiguousWriter`; or a whole file being copied), and
+allocated but not written, `writers.ContiguousWriter`; or a whole file being copied), and
 `HashedWrites` writes those regions while a second thread hashes each block, so a block costs
 the slower of writing and hashing it, not their sum.
 """

@@ -29,8 +29,8 @@ import numpy as np
 import psutil
 import torch
 
-from pcam_pipeline.data.hdf5 import PatchBlocks
 from pcam_pipeline.data.pcam import PATCH_BYTES, PATCH_SHAPE
+from pcam_pipeline.data.reader import PatchBlocks
 from pcam_pipeline.params import LoaderParams
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ from pcam_pipeline.errors import PipelineError
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 Split = Literal["train", "valid", "test"]
-Part = Literal["x", "y"]
 
 PATCH_SHAPE = (96, 96, 3)
 PATCH_BYTES = math.prod(PATCH_SHAPE)  # one uint8 patch

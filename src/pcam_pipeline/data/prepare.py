@@ -1,5 +1,5 @@
 """One PCAM split made training-ready: clipped, cast, blank patches dropped, written in the
-training layout (`hdf5.ProcessedWriter`), streaming in blocks so memory stays bounded for the
+training layout (`writers.ProcessedWriter`), streaming in blocks so memory stays bounded for the
 full 7 GB train split.
 
 `write_processed` runs it for every split, with the train split's channel statistics: the
@@ -18,10 +18,12 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pcam_pipeline.data.block_scan import scan_blocks
 from pcam_pipeline.data.channel_stats import ChannelStats, channel_sums
-from pcam_pipeline.data.hdf5 import PatchBlocks, ProcessedLayout, open_writer, scan_blocks
 from pcam_pipeline.data.pcam import SPLITS, blank_mask, split_files
 from pcam_pipeline.data.processed import STATS_SPLIT, ProcessedData
+from pcam_pipeline.data.reader import PatchBlocks
+from pcam_pipeline.data.writers import ProcessedLayout, open_writer
 from pcam_pipeline.errors import NoSpace, PipelineError
 from pcam_pipeline.params import PreprocessParams, ValidateParams
 from pcam_pipeline.repro import atomic_path, human_bytes, require_free_space

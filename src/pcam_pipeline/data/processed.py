@@ -1,11 +1,11 @@
 """The processed dataset: the training-ready splits and their channel statistics, named once.
 
 A directory (data/processed, or a node-local copy: `runtime.data_dir`) holds one `<split>.h5`
-per split in the training layout (`x`, `y`, `index`: `hdf5.ContiguousWriter`, or
-`hdf5.ProcessedWriter` for the chunked layout compression needs) and `stats.json`,
+per split in the training layout (`x`, `y`, `index`: `writers.ContiguousWriter`, or
+`writers.ProcessedWriter` for the chunked layout compression needs) and `stats.json`,
 the channel mean and std of the train split only, so nothing of valid or test leaks into
 training. preprocess writes it (`prepare.write_processed`); train, evaluate, the benchmark and
-the measurements of `bench/` read it through this class. Reading it needs nothing of how it
+`bench/` and `perf/` read it through this class. Reading it needs nothing of how it
 is written, so a change to the writer re-runs preprocess, not the stages that read its output.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pcam_pipeline.dvc_state import NOTHING_KNOWN, known_hashes
+from pcam_pipeline.dvc.state import NOTHING_KNOWN, known_hashes
 from pcam_pipeline.repro import md5_file, read_json, write_json
 
 if TYPE_CHECKING:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pcam_pipeline.data.hdf5 import PatchBlocks, scan_blocks
+from pcam_pipeline.data.block_scan import scan_blocks
 from pcam_pipeline.data.pcam import SPLITS
+from pcam_pipeline.data.reader import PatchBlocks
 from pcam_pipeline.params import ValidateParams
 
 MAX_LISTED = 20  # indices listed per problem in the report

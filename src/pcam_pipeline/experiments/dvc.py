@@ -1,5 +1,6 @@
-"""The DVC and git commands the experiment tooling runs: one place that calls them and turns a
-failure into a PipelineError naming the command, the directory and DVC's own message."""
+"""The DVC and git commands the tooling runs (experiments here, `pcam report`, the no-op
+benchmark): one place that calls them and turns a failure into a PipelineError naming the
+command, its exit code and the end of its stderr."""
 
 from __future__ import annotations
 
@@ -7,22 +8,52 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pcam_pipeline.errors import PipelineError
 
+ERROR_LINES = 20  # DVC's progress and tracebacks are long; its own message is at the end
 
-def command(args: Sequence[str], cwd: Path) -> str:
-    """Run `args` in `cwd`; its stdout. A failure raises with the tail of its output (DVC's
-    progress is long)."""
+
+def executable(name: str) -> str:
+    """`name` from PATH, else beside this Python (a venv's dvc when .venv/bin is not on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.exists() else name)
+
+
+def run(
+    args: Sequence[str], cwd: Path | None = None, fix: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run `args` (dvc or git) in `cwd` with DVC's analytics off; the finished process. A failure
+    raises a PipelineError with the command, its exit code, the last lines of its stderr (its
+    stdout when stderr is empty) and `fix`, the next step for the user."""
+    argv = [executable(args[0]), *args[1:]]
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    where = f"{cwd}: " if cwd is not None else ""
+    try:
+        result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise PipelineError(
+            f"{where}`{args[0]}` is not on PATH nor beside {sys.executable}: run `make setup` "
+            "and use .venv/bin"
+        ) from exc
     if result.returncode != 0:
-        output = (result.stdout + result.stderr).strip()[-3000:]
-        raise PipelineError(f"{cwd}: `{' '.join(args)}` failed ({result.returncode}):\n{output}")
-    return result.stdout
+        tail = "\n".join(
+            (result.stderr.strip() or result.stdout.strip()).splitlines()[-ERROR_LINES:]
+        )
+        raise PipelineError(
+            f"{where}`{' '.join(args)}` failed with exit code {result.returncode}:\n{tail}"
+            + (f"\n{fix}" if fix else "")
+        )
+    return result
+
+
+def command(args: Sequence[str], cwd: Path, fix: str = "") -> str:
+    """Run `args` in `cwd`; its stdout (see `run`)."""
+    return run(args, cwd, fix).stdout
 
 
 def set_args(params: Mapping[str, Any]) -> list[str]:
@@ -41,31 +72,3 @@ def experiment_names(repo: Path) -> set[str]:
 
 def exp_run(repo: Path, name: str, params: Mapping[str, Any]) -> None:
     command(["dvc", "exp", "run", "-n", name, *set_args(params)], repo)
-
-
-def clone_for_worker(submit: Path, work: Path, commit: str | None = None) -> Path:
-    """A clone of `submit` at `commit` (default: its HEAD) in `work` sharing its DVC cache (what
-    slurm/lib.sh's pcam_clone does for sweep jobs): an experiment runs there without taking
-    `submit`'s lock, and `dvc exp push origin NAME` sends it back. A clone left at the same
-    commit is reused."""
-    submit = submit.resolve()
-    head = commit or command(["git", "rev-parse", "HEAD"], submit).strip()
-    if (work / ".git").exists() and command(["git", "rev-parse", "HEAD"], work).strip() == head:
-        command(["git", "checkout", "--quiet", "--force", head], work)  # an interrupted run's edits
-        return work
-    shutil.rmtree(work, ignore_errors=True)
-    work.parent.mkdir(parents=True, exist_ok=True)
-    command(["git", "clone", "--quiet", "--no-checkout", str(submit), str(work)], submit)
-    command(["git", "-c", "advice.detachedHead=false", "checkout", "--quiet", head], work)
-    local_config = submit / ".dvc" / "config.local"
-    if local_config.exists():
-        shutil.copy2(local_config, work / ".dvc" / "config.local")
-    cache = command(["dvc", "cache", "dir"], submit).strip().splitlines()[-1]
-    command(["dvc", "cache", "dir", "--local", cache], work)
-    command(["dvc", "checkout", "--allow-missing", "--quiet"], work)
-    return work
-
-
-def exp_push(work: Path, name: str) -> None:
-    """Send experiment `name` from a worker's clone to the repository it was cloned from."""
-    command(["dvc", "exp", "push", "--no-cache", "origin", name], work)

@@ -7,13 +7,12 @@ from the remote) read the same way as those run here.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.experiments.dvc import command
 
 PARAMS_FILE_KEY = "params.yaml"
 SEED_PARAM = "train.seed"
@@ -96,10 +95,5 @@ def parse_exp_show(rows: Iterable[Mapping[str, Any]]) -> list[ExperimentRecord]:
 
 def read_experiments(repo: Path, all_commits: bool = False) -> list[ExperimentRecord]:
     """Run `dvc exp show --json` in `repo` and parse it."""
-    command = ["dvc", "exp", "show", "--json", "--no-fetch", *(["-A"] if all_commits else [])]
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise PipelineError(
-            f"{repo}: `{' '.join(command)}` failed: {result.stderr.strip()[-2000:]}"
-        )
-    return parse_exp_show(json.loads(result.stdout or "[]"))
+    args = ["dvc", "exp", "show", "--json", "--no-fetch", *(["-A"] if all_commits else [])]
+    return parse_exp_show(json.loads(command(args, repo) or "[]"))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.experiments import dvc, search_report
+from pcam_pipeline.experiments import dvc, job_clone, search_report
 from pcam_pipeline.experiments.records import (
     SEED_PARAM,
     ExperimentRecord,
@@ -45,7 +45,6 @@ from pcam_pipeline.experiments.study import Choice, IntRange, LogUniform, Study,
 from pcam_pipeline.paths import PARAMS_FILE
 from pcam_pipeline.repro import atomic_path
 
-WORK_ROOT_ENV = "PCAM_WORK_ROOT"  # as in slurm/lib.sh: where workers make their clones
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0  # a RUNNING trial without a heartbeat this long has lost its worker
 MAX_RETRY = 3
@@ -69,8 +68,7 @@ class Place:
 
     @property
     def work(self) -> Path:
-        root = os.environ.get(WORK_ROOT_ENV)
-        return (Path(root) if root else self.repo / ".pcam-work") / "search" / self.study
+        return job_clone.work_root(self.repo) / "search" / self.study
 
     @property
     def journal(self) -> Path:
@@ -159,7 +157,7 @@ def run_trial(
         print(f"trial {number}: {name}: {values}", flush=True)
         dvc.command(["git", "checkout", "--", "params.yaml"], clone)
         dvc.exp_run(clone, name, {**fixed, **values, SEED_PARAM: seed})
-        dvc.exp_push(clone, name)
+        job_clone.push(clone, name)
     records = {r.name: r for r in read_experiments(clone)}
     missing = [n for n in names if n not in records]
     if missing:
@@ -248,7 +246,7 @@ def work(spec: Study, place: Place, worker: str, options: WorkerOptions) -> None
     from optuna.trial import TrialState
 
     study = open_study(spec, place)
-    clone = dvc.clone_for_worker(place.repo, place.clone(worker), options.commit)
+    clone = job_clone.make_or_reuse(place.repo, place.clone(worker), options.commit).path
     while True:
         step = next_trial(spec, study, place, options.stale_after)
         if step == "done":

@@ -19,7 +19,6 @@ from pcam_pipeline.repro import atomic_path, write_json
 
 TRIALS_JSON = "trials.json"
 TRIALS_MARKDOWN = "trials.md"
-PLOTS = ("history", "parallel_coordinate", "importance")
 
 
 ORIGIN_ATTR = "origin"  # set when a trial is asked; a retry copies its user attrs

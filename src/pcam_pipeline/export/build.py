@@ -25,6 +25,7 @@ from torch import nn
 
 from pcam_pipeline.data.pcam import PATCH_SHAPE
 from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.evaluation.metrics import auroc
 from pcam_pipeline.export import card, onnx_model, triton, wsinfer
 from pcam_pipeline.export.graph import (
     INPUT_NAME,
@@ -32,7 +33,6 @@ from pcam_pipeline.export.graph import (
     PatchClassifier,
     batchnorm_folded,
 )
-from pcam_pipeline.metrics import auroc
 from pcam_pipeline.params import ExportParams
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pcam_pipeline.errors import PipelineError
+from pcam_pipeline.experiments.dvc import run
 from pcam_pipeline.paths import METRICS_FILE
 from pcam_pipeline.repro import atomic_path
 
@@ -46,17 +46,9 @@ class Comparison:
 
 
 def run_dvc(args: Sequence[str]) -> str:
-    """One dvc command's stdout; its failure becomes a message that names the command."""
-    try:
-        result = subprocess.run(["dvc", *args], capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
-        raise PipelineError("dvc is not on PATH: run `make setup` and use .venv/bin") from exc
-    if result.returncode != 0:
-        raise PipelineError(
-            f"`dvc {' '.join(args)}` failed: {result.stderr.strip() or result.stdout.strip()}; "
-            "check that the revision exists (git log) and that dvc.yaml is valid"
-        )
-    return result.stdout
+    """One dvc command's stdout, run here; its failure becomes a message that names the command."""
+    fix = "check that the revision exists (git log) and that dvc.yaml is valid"
+    return run(["dvc", *args], Path.cwd(), fix).stdout
 
 
 def slug(name: str) -> str:

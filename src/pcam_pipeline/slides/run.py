@@ -25,11 +25,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pcam_pipeline.errors import PipelineError
-from pcam_pipeline.preemption import Preempted, StopFlag
+from pcam_pipeline.errors import PipelineError, Preempted
 from pcam_pipeline.repro import atomic_path, read_json, write_json
 from pcam_pipeline.slides import wsi
 from pcam_pipeline.slides.summary import heatmap, summarise
+from pcam_pipeline.train.preemption import StopFlag
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ step and inference over batch sizes, devices and precisions (`bench.throughput.t
 and the training loop end to end against its step on resident data
 (`bench.throughput.time_loops`), also per architecture of `benchmark.models`
 (`bench.throughput.time_architectures`). The full-size validate/preprocess timings are not
-part of the stage: `python -m pcam_pipeline.bench.perf full`.
+part of the stage: `python -m pcam_pipeline.perf full`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from pcam_pipeline.bench.environment import environment
 from pcam_pipeline.bench.loaders import loader_targets, time_loader_designs
-from pcam_pipeline.bench.report import (
+from pcam_pipeline.bench.tables import (
     headline_series,
     loader_over_train_step,
     log_results,

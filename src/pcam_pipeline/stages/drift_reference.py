@@ -4,8 +4,7 @@ with the model it belongs to (models/drift/, docs/drift.md)."""
 from __future__ import annotations
 
 from pcam_pipeline.drift.reference import build_reference
-from pcam_pipeline.errors import CheckpointError, PipelineError
-from pcam_pipeline.inference import model_from_checkpoint
+from pcam_pipeline.inference import trained_model
 from pcam_pipeline.params import Params
 from pcam_pipeline.paths import BEST_CHECKPOINT, DRIFT_DIR
 from pcam_pipeline.repro import md5_file
@@ -14,13 +13,7 @@ from pcam_pipeline.runtime import processed_data, resolve_device
 
 def main(params: Params) -> None:
     device = resolve_device(params.train.device)
-    try:
-        model, mean, std, _ = model_from_checkpoint(BEST_CHECKPOINT, device)
-    except CheckpointError as error:
-        raise PipelineError(
-            f"{BEST_CHECKPOINT}: {error.reason}. Fix: train again (`dvc repro train`) or "
-            f"restore it from the DVC cache (`dvc checkout {BEST_CHECKPOINT}`)"
-        ) from None
+    model, mean, std, _ = trained_model(device)
     reference = build_reference(
         processed_data(), model, mean, std, device, params.drift, md5_file(BEST_CHECKPOINT)
     )

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from pcam_pipeline.data.loader import DeviceBatches, Split
-from pcam_pipeline.errors import CheckpointError, PipelineError
+from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.export.build import Evaluation, TrainedModel, export_model
-from pcam_pipeline.inference import model_from_checkpoint, predict_split
+from pcam_pipeline.inference import predict_split, trained_model
 from pcam_pipeline.params import Params
 from pcam_pipeline.paths import BEST_CHECKPOINT, EXPORT_DIR, EXPORT_REPORT, METRICS_FILE
 from pcam_pipeline.repro import md5_file, read_json, write_json
@@ -31,14 +31,8 @@ log = logging.getLogger(__name__)
 BLOCK = 256  # patches per ONNX Runtime call when checking parity
 
 
-def trained_model(params: Params) -> TrainedModel:
-    try:
-        model, mean, std, checkpoint = model_from_checkpoint(BEST_CHECKPOINT, torch.device("cpu"))
-    except CheckpointError as error:
-        raise PipelineError(
-            f"{BEST_CHECKPOINT}: {error.reason}. Fix: train again (`dvc repro train`) or "
-            f"restore it from the DVC cache (`dvc checkout {BEST_CHECKPOINT}`)"
-        ) from None
+def model_to_export(params: Params) -> TrainedModel:
+    model, mean, std, checkpoint = trained_model(torch.device("cpu"))
     trained = checkpoint["params"]["train"]
     architecture = trained["model"]
     if architecture == "timm":
@@ -68,7 +62,7 @@ def trained_model(params: Params) -> TrainedModel:
 
 
 def main(params: Params) -> None:
-    trained = trained_model(params)
+    trained = model_to_export(params)
     metrics = read_json(METRICS_FILE)
     if metrics.get("tta") != params.export.tta:
         raise PipelineError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pcam_pipeline.data.prepare import write_processed
 from pcam_pipeline.data.processed import ProcessedData
-from pcam_pipeline.dvc_state import known_hashes
+from pcam_pipeline.dvc.state import known_hashes
 from pcam_pipeline.params import Params
 from pcam_pipeline.paths import PCAM_DIR, PREPROCESS_REPORT, PROCESSED_DIR
 from pcam_pipeline.repro import write_json

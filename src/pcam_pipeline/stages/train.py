@@ -1,9 +1,10 @@
 """train: fit the model on data/processed, keep `last` and `best` checkpoints, log with dvclive.
 
-The run itself (resuming, the epochs, validation, checkpoints) is trainer.py's; several
-workers are distributed.py's. This stage checks its inputs, starts the workers or joins them,
-and logs every epoch with dvclive. Stopped by SIGUSR1/SIGTERM it saves models/last.pt and
-exits 75; the next `dvc repro` resumes from there to the same bytes.
+The run itself (resuming, the epochs, validation, checkpoints) is train/run.py's; several
+workers are train/distributed.py's. This stage checks its inputs, starts the workers or joins
+them, and logs every epoch (and every train.log_every_steps steps) with dvclive. Stopped by
+SIGUSR1/SIGTERM it saves models/last.pt and exits 75; the next `dvc repro` resumes from there to
+the same bytes.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from pcam_pipeline import distributed
-from pcam_pipeline.data.hdf5 import processed_labels
 from pcam_pipeline.data.processed import ProcessedData
-from pcam_pipeline.distributed import SINGLE, World
+from pcam_pipeline.data.reader import processed_labels
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.params import Params
 from pcam_pipeline.paths import TRAIN_LIVE_DIR
-from pcam_pipeline.preemption import StopFlag
 from pcam_pipeline.runtime import processed_data
-from pcam_pipeline.trainer import fit
+from pcam_pipeline.train import distributed
+from pcam_pipeline.train.distributed import SINGLE, World
+from pcam_pipeline.train.preemption import StopFlag
+from pcam_pipeline.train.run import fit
 
 PREPROCESS_FIX = (
     "check the source split, then re-run preprocess (`dvc repro preprocess`); "
@@ -68,6 +69,19 @@ def log_epoch(live: Any, row: dict[str, float]) -> None:
     live.next_step()
 
 
+def log_steps(live: Any, rows: list[dict[str, float]]) -> None:
+    """The per-step series (plots/metrics/steps/grad_norm.tsv, lr.tsv) at their optimiser step.
+    The epoch rows' step is the epoch, so it is put back after; the series are plots only, kept
+    out of metrics.json (whose numbers are the epoch's)."""
+    epoch = live.step
+    for row in rows:
+        live.step = int(row["step"])
+        for name in ("grad_norm", "lr"):
+            live.log_metric(f"steps/{name}", row[name], timestamp=False)
+    live.step = epoch
+    live.summary.pop("steps", None)
+
+
 def run(params: Params, world: World) -> None:
     """This process's part of the run: the whole run, or one worker's."""
     check_inputs(processed_data(), params.train.select_metric)
@@ -82,7 +96,13 @@ def run(params: Params, world: World) -> None:
         from dvclive import Live
 
         with Live(str(TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-            fit(params, stop, lambda row: log_epoch(live, row), world)
+            fit(
+                params,
+                stop,
+                lambda row: log_epoch(live, row),
+                world,
+                lambda rows: log_steps(live, rows),
+            )
 
 
 def main(params: Params) -> None:

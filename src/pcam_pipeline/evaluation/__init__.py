@@ -1,0 +1,1 @@
+"""Judging a model on held-out patches: classification metrics, thresholds and calibration."""
