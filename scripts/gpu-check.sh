@@ -25,4 +25,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 nvidia-smi -L | tee -a "$out/nvidia-smi.txt" # GPUs and MIG instances (a slice's profile)
 python3 -m pcam_pipeline.perf.gpu_loop --out "$out/gpu-check.json" "${baseline[@]}" \
   ${PCAM_GPU_CHECK_ARGS:-} | tee "$out/gpu-check.txt"
-python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
+python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests/train/test_gpu.py 2>&1 \
+  | tee "$out/gpu-tests.txt"

@@ -258,6 +258,24 @@ def test_editing_a_writer_or_the_block_scan_reruns_no_training_or_evaluation():
             assert f"src/pcam_pipeline/data/{module}.py" not in closure, (stage, module)
 
 
+def test_editing_the_checkpoint_format_reruns_no_data_stage():
+    for stage in ("fetch", "validate", "preprocess"):
+        closure = stage_closure(stage)
+        training = sorted(path for path in closure if path.startswith("src/pcam_pipeline/train/"))
+        assert not training, (stage, training)
+
+
+def test_the_top_of_the_package_holds_few_modules_and_nothing_imports_a_stage_upward():
+    package = SOURCE_ROOT / PACKAGE
+    top = sorted(p.name for p in package.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 10, top
+    for path in package.rglob("*.py"):
+        relative = path.relative_to(package)
+        if relative.parts[0] == "stages" or relative == Path("cli.py"):
+            continue
+        assert "pcam_pipeline.stages" not in path.read_text(), relative
+
+
 def test_the_benchmark_runs_no_validate_or_preprocess_code():
     """Editing a validation rule or the split writer re-runs validate or preprocess (and what
     their outputs feed), never the benchmark."""

@@ -80,8 +80,8 @@ REGISTRY_COVERED = {
     ),
 }
 PAGES_COVERED = {
-    "docs-check": "tests/test_site.py::test_docs_check_passes_on_the_repository",
-    "docs": "tests/test_site.py::test_the_site_builds_strict_and_offline",
+    "docs-check": "tests/review/test_site.py::test_docs_check_passes_on_the_repository",
+    "docs": "tests/review/test_site.py::test_the_site_builds_strict_and_offline",
 }
 
 
@@ -308,7 +308,7 @@ def make_coverage(minimum: int) -> subprocess.CompletedProcess[str]:
             "--no-print-directory",
             "coverage",
             f"COVERAGE_MIN={minimum}",
-            "COVERAGE_TESTS=tests/test_report.py",
+            "COVERAGE_TESTS=tests/review/test_report.py",
         ],
         cwd=REPO_ROOT,
         env=env,

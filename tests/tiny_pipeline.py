@@ -2,8 +2,8 @@
 
 The dataset is made with the project's own code (the synthetic generator, `ProcessedWriter`
 and the processed dataset's channel statistics), so the tests exercise the real file layout.
-Imported (`from tests.tiny_pipeline import ...`) by tests/test_train.py, tests/test_evaluate.py
-and tests/test_predict.py.
+Imported (`from tests.tiny_pipeline import ...`) by tests/stages/test_train.py,
+tests/stages/test_evaluate.py, tests/test_predict.py and others.
 """
 
 from __future__ import annotations

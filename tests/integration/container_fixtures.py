@@ -1,11 +1,14 @@
-"""podman for the container tests (installed by containers/build.sh when missing) and the local base
-image (containers/build.sh base), shared by test_container.py and test_registry.py."""
+"""podman for the container tests (installed by containers/build.sh when missing), the local base
+image (containers/build.sh base) and the Apptainer definition file's parser, shared by
+test_container.py and test_registry.py."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,37 @@ def base_image(podman: str) -> str:
         else:
             run([str(BUILD_SH), "base"], timeout=900, env=build_env())
     return name
+
+
+# --- the Apptainer definition file -------------------------------------------------------------
+VALID_DEF_SECTIONS = {
+    "setup", "files", "environment", "post", "runscript", "startscript", "test", "labels",
+    "help", "arguments",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DefFile:
+    header: dict[str, str]
+    sections: dict[str, str]
+
+
+def parse_def(text: str) -> DefFile:
+    """Parse an Apptainer definition file: `Key: value` header lines, then `%section` bodies."""
+    header: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = re.match(r"^%(\w+)\s*$", line)
+        if match:
+            current = match.group(1)
+            assert current in VALID_DEF_SECTIONS, f"apptainer.def:{number}: unknown %{current}"
+            assert current not in sections, f"apptainer.def:{number}: %{current} given twice"
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+        elif line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition(":")
+            assert sep and key.strip(), f"apptainer.def:{number}: not a `Key: value` header line"
+            header[key.strip()] = value.strip()
+    return DefFile(header, {name: "\n".join(body) for name, body in sections.items()})

@@ -39,8 +39,10 @@ from packaging.utils import canonicalize_name
 from tests.integration.conftest import run_command as run
 from tests.integration.container_fixtures import (
     BUILD_SH,
+    DefFile,
     base_image,
     build_env,
+    parse_def,
     podman,
     podman_run,
 )
@@ -59,10 +61,6 @@ ISOLATED = ("--read-only", "--network", "none", "--user", RUN_UID)
 DETERMINISTIC_STAGES = (
     "fetch", "validate", "preprocess", "train", "evaluate", "export", "drift_reference"
 )  # fmt: skip
-VALID_DEF_SECTIONS = {
-    "setup", "files", "environment", "post", "runscript", "startscript", "test", "labels",
-    "help", "arguments",
-}  # fmt: skip
 
 
 def read_lock() -> dict[str, str]:
@@ -76,34 +74,6 @@ def read_lock() -> dict[str, str]:
 
 
 LOCKED = read_lock()
-
-
-# --- the Apptainer definition file -------------------------------------------------------------
-@dataclass(frozen=True)
-class DefFile:
-    header: dict[str, str]
-    sections: dict[str, str]
-
-
-def parse_def(text: str) -> DefFile:
-    """Parse an Apptainer definition file: `Key: value` header lines, then `%section` bodies."""
-    header: dict[str, str] = {}
-    sections: dict[str, list[str]] = {}
-    current: str | None = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        match = re.match(r"^%(\w+)\s*$", line)
-        if match:
-            current = match.group(1)
-            assert current in VALID_DEF_SECTIONS, f"apptainer.def:{number}: unknown %{current}"
-            assert current not in sections, f"apptainer.def:{number}: %{current} given twice"
-            sections[current] = []
-        elif current is not None:
-            sections[current].append(line)
-        elif line.strip() and not line.lstrip().startswith("#"):
-            key, sep, value = line.partition(":")
-            assert sep and key.strip(), f"apptainer.def:{number}: not a `Key: value` header line"
-            header[key.strip()] = value.strip()
-    return DefFile(header, {name: "\n".join(body) for name, body in sections.items()})
 
 
 # --- session fixtures -----------------------------------------------------------------------------

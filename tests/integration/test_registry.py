@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import free_port, run_command
-from tests.integration.container_fixtures import PUBLISH_SH, build_env, podman
-from tests.integration.test_container import parse_def
+from tests.integration.container_fixtures import PUBLISH_SH, build_env, parse_def, podman
 
 pytestmark = pytest.mark.heavy
 __all__ = ["podman"]  # the fixture, used by name

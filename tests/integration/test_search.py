@@ -31,8 +31,8 @@ from tests.integration.conftest import (
     require_integration,
     run,
 )
-from tests.integration.test_experiments import GIT, SMALL, update
-from tests.test_search import proposals
+from tests.integration.experiment_fixtures import GIT, SMALL, update
+from tests.search_proposals import proposals
 
 pytestmark = pytest.mark.heavy
 

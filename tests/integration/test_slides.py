@@ -1,6 +1,6 @@
 """`pcam slides` with the pipeline's own exported model (the shared `make run`, trained on the
 synthetic generator's patches): on a generated slide whose right tissue blob is the generator's
-positive texture and whose left blob its negative one (tests/slides.py: tumour_slide_pixels),
+positive texture and whose left blob its negative one (tests/slide_files.py: tumour_slide_pixels),
 the hot patches, the area above the model card's threshold and the heatmap's hot colours are in
 the right blob. In-process (run.main), so that coverage counts it."""
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pcam_pipeline.slides import run
-from tests.slides import tumour_slide_pixels, write_test_slide
+from tests.slide_files import tumour_slide_pixels, write_test_slide
 
 pytestmark = pytest.mark.heavy
 

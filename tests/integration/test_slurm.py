@@ -218,7 +218,7 @@ def test_a_gpu_partition_job_fails_fast_when_it_cannot_use_a_gpu(
     """On gpu_a100 the job must train on the GPU: where it cannot (here the stand-in image runs
     the venv, whose CUDA build of torch finds no NVIDIA driver on this machine) it fails in its
     first minute with the fix, before any DVC stage, clone or staging, instead of training on the
-    CPU at GPU rates. (The CPU-only-image case: tests/test_slurm_scripts.py.)"""
+    CPU at GPU rates. (The CPU-only-image case: tests/slurm/test_scripts.py.)"""
     ws = workspace
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -590,7 +590,7 @@ def test_a_slides_array_scores_each_slide_in_its_task_and_names_the_bad_one(
     slides, one unreadable file) with the workspace's exported model, then the cohort job. The
     bad slide fails its task and is named in the table and the cohort job's log; the others are
     done, with their outputs."""
-    from tests.slides import tumour_slide_pixels, write_test_slide
+    from tests.slide_files import tumour_slide_pixels, write_test_slide
 
     ws = workspace
     folder = ws.path.parent / "slides"
@@ -634,7 +634,7 @@ def test_usr1_to_a_slides_task_requeues_it_and_the_rerun_skips_the_finished_slid
 ):
     """The time-limit signal while a task scores the first of its three slides: it finishes that
     slide, exits 75 and requeues itself; the rerun skips it and scores the other two."""
-    from tests.slides import write_test_slide
+    from tests.slide_files import write_test_slide
 
     ws = workspace
     folder = ws.path.parent / "slides"

@@ -2,9 +2,9 @@
 TorchScript and config.json scores whole slides, and each patch's probability equals the
 project's own scoring of the same pixels (`pcam predict`'s code, and the CLI) within 1e-5.
 
-Two slides: a synthetic pyramidal TIFF at 1 um/px (tests/slides.py), where WSInfer reads
+Two slides: a synthetic pyramidal TIFF at 1 um/px (tests/slide_files.py), where WSInfer reads
 96 x 96 patches at level 0 and the expected pixels are known exactly; and OpenSlide's CC0
-CMU-1-Small-Region.svs at 0.499 um/px (tests/data/README.md), where WSInfer reads 192 x 192
+CMU-1-Small-Region.svs at 0.499 um/px (tests/fixtures/README.md), where WSInfer reads 192 x 192
 regions and resizes them to 96.
 
 WSInfer 0.6.1 (the newest release) runs as users run it, the `wsinfer` console script of the
@@ -30,12 +30,12 @@ from torchvision import transforms
 
 from pcam_pipeline.inference import model_from_checkpoint, predict_batches
 from tests.integration.conftest import project_env, run_command
-from tests.slides import slide_pixels, write_test_slide
+from tests.slide_files import slide_pixels, write_test_slide
 
 pytestmark = pytest.mark.heavy
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-CMU_SLIDE = DATA / "cmu_small_region.svs"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+CMU_SLIDE = FIXTURES / "cmu_small_region.svs"
 SYNTHETIC = "synthetic"
 SYNTHETIC_SIZE = (2048, 1536)  # width, height at level 0
 TOLERANCE = 1e-5

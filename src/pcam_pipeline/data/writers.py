@@ -286,7 +286,7 @@ class ContiguousWriter:
             # where the bytes of x, y and index go (None: no storage, for no patches)
             self._offsets = [offset for offset, _ in regions]
             filled = [(offset, size) for offset, size in regions if size]
-            # Created in this order, HDF5 places them in it (tests/test_hdf5.py); where another
+            # Created in this order, HDF5 places them in it (tests/data/test_hdf5.py); where another
             # HDF5 does not, the writer reads the file back once for its md5 instead.
             in_order = filled == sorted(filled)
             fd = os.open(self._path, os.O_RDWR)

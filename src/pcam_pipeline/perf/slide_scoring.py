@@ -100,7 +100,7 @@ class Picture:
 
 
 def write_slide(path: Path, size: int, fraction: float) -> Path:
-    """The BigTIFF pyramid at 1 um/px, tile by tile (SubIFDs, as tests/slides.py writes)."""
+    """The BigTIFF pyramid at 1 um/px, tile by tile (SubIFDs, as tests/slide_files.py writes)."""
     import tifffile
 
     picture = Picture(size, fraction)

@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 from pcam_pipeline.experiments.search import fail_stale_trials, propose
 from pcam_pipeline.experiments.search_report import origin_number, trials_markdown
 from pcam_pipeline.experiments.study import Study
+from tests.search_proposals import proposals
 
 SPEC = Study.model_validate(
     {
@@ -23,14 +24,6 @@ SPEC = Study.model_validate(
         },
     }
 )
-
-
-def proposals(spec: Study, finish_in_reverse: bool = False) -> list[dict]:
-    study = optuna.create_study(direction="maximize")
-    asked = [propose(spec, study) for _ in range(spec.n_trials)]
-    for trial, _ in reversed(asked) if finish_in_reverse else asked:
-        study.tell(trial, 0.5)
-    return [values for _, values in asked]
 
 
 def test_the_same_sampler_seed_proposes_the_same_params():

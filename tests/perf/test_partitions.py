@@ -19,8 +19,8 @@ from pcam_pipeline.perf.partitions import (
     main,
     write_table,
 )
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SLICE = "NVIDIA A100-SXM4-40GB MIG 1g.5gb"
 
 

@@ -17,6 +17,7 @@ from pcam_pipeline.drift.profile import load_reference
 from pcam_pipeline.errors import PipelineError
 from pcam_pipeline.paths import BEST_CHECKPOINT, DRIFT_DIR
 from pcam_pipeline.repro import md5_file
+from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import small_run_params, workdir, write_params_file
 
 DRIFT = {"reference_patches": 200, "model_patches": 64, "input_patches": 64}
@@ -91,7 +92,7 @@ def test_the_bundle_carries_the_reference_of_its_model(
 ):
     from pcam_pipeline.export import bundle
 
-    lock = Path(__file__).resolve().parents[1] / "requirements-runtime.lock"
+    lock = REPO_ROOT / "requirements-runtime.lock"
     export = exported_run / "models" / "export"
     bundle.main(export, tmp_path / "b", lock, drift_run / DRIFT_DIR)
     assert (

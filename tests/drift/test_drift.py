@@ -18,31 +18,17 @@ from scipy.stats import binom
 
 from pcam_pipeline import cli
 from pcam_pipeline.data.synthetic import generate_split
-from pcam_pipeline.drift import detector, features, profile
+from pcam_pipeline.drift import detector, features
 from pcam_pipeline.drift.detector import EXIT_DRIFT, Sample, adjusted, detect, mmd_test
 from pcam_pipeline.drift.inputs import read_input
 from pcam_pipeline.drift.profile import Reference, load_reference
 from pcam_pipeline.errors import PipelineError
+from tests.drift_references import REFERENCE_PATCHES, image_reference
 
 ALPHA = 0.05
 DRAWS = 50
 DRAW_PATCHES = 128
-REFERENCE_PATCHES = 768
 POOL_PATCHES = 1024
-
-
-def image_reference(patches: np.ndarray) -> Reference:
-    """A reference of image features only (no model), as drift_reference writes its first half."""
-    vectors = features.macenko_vectors(patches)
-    table = features.patch_features(patches, vectors)
-    meta = {"version": profile.FORMAT_VERSION, "features": list(features.FEATURES)}
-    return Reference(
-        features=table.values.astype(np.float32),
-        confidence=np.zeros(0, dtype=np.float32),
-        embeddings=np.zeros((0, 0), dtype=np.float32),
-        stain_vectors=vectors,
-        meta={**meta, "model_md5": None},
-    )
 
 
 @pytest.fixture(scope="module")

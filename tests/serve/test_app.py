@@ -1,5 +1,5 @@
 """The serving app in-process (no socket, no subprocess): the same requests as
-tests/test_serve.py's real server gets, sent straight to the ASGI app, so the protocol, the
+tests/serve/test_server.py's real server gets, sent straight to the ASGI app, so the protocol, the
 limits, the token and the metrics are also measured by `make coverage`; and the safety checks
 `pcam serve` runs before it listens."""
 
@@ -19,8 +19,7 @@ from pcam_pipeline.serve.batching import Batcher
 from pcam_pipeline.serve.metrics import ServeMetrics
 from pcam_pipeline.serve.model import ServedModel, load_model
 from pcam_pipeline.serve.server import checked_token, is_loopback, read_token
-from tests.serving import TOKEN, encode, infer_binary, infer_json, multipart
-from tests.test_serve import _bad_cases
+from tests.serving import TOKEN, bad_cases, call, encode, infer_binary, infer_json, multipart
 
 LIMITS = Limits(max_body_bytes=8 << 20, max_patches=64)
 
@@ -34,35 +33,6 @@ def model(served: Path) -> ServedModel:
 def patches(tiny_data: Path) -> np.ndarray:
     with h5py.File(tiny_data / "test.h5") as handle:
         return handle["x"][:8]
-
-
-async def call(app, method: str, path: str, body: bytes = b"", headers: dict | None = None):
-    """One request through the ASGI app: (status, headers, body)."""
-    fields = {**(headers or {}), "content-length": str(len(body))}
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080),
-        "headers": [(k.lower().encode(), str(v).encode()) for k, v in fields.items()],
-    }  # fmt: skip
-    delivered = False
-
-    async def receive() -> dict:
-        nonlocal delivered
-        if delivered:
-            return {"type": "http.disconnect"}
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    start = sent[0]
-    got = {k.decode(): v.decode() for k, v in start["headers"]}
-    return start["status"], got, b"".join(m.get("body", b"") for m in sent[1:])
 
 
 def serving(
@@ -130,7 +100,7 @@ def test_binary_output_is_the_float32_bytes_after_the_header(model, patches):
 
 
 def test_every_bad_input_gets_its_4xx_in_process(model, patches):
-    cases = _bad_cases(patches[0])
+    cases = bad_cases(patches[0])
     requests = [
         (m, route, body or b"", headers) for m, route, body, headers, _, _ in cases.values()
     ]

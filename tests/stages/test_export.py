@@ -27,6 +27,7 @@ from pcam_pipeline.export.graph import PatchClassifier
 from pcam_pipeline.inference import model_from_checkpoint, predict_batches
 from pcam_pipeline.params import ParamsError
 from pcam_pipeline.paths import EXPORT_DIR, EXPORT_REPORT
+from tests.conftest import REPO_ROOT
 from tests.tiny_pipeline import (
     CALIBRATION,
     export_params,
@@ -256,7 +257,7 @@ def pcam_bundle(cwd: Path, target: Path) -> subprocess.CompletedProcess:
 
 def test_the_bundle_is_the_export_plus_a_runner_and_the_same_tarball_twice(exported_run, tmp_path):
     run = shutil.copytree(exported_run, tmp_path / "run")
-    shutil.copy(Path(__file__).resolve().parents[1] / "requirements-runtime.lock", run)
+    shutil.copy(REPO_ROOT / "requirements-runtime.lock", run)
     first = pcam_bundle(run, tmp_path / "one" / "pcam-model")
     assert first.returncode == 0, first.stderr
     second = pcam_bundle(run, tmp_path / "two" / "pcam-model")
@@ -275,7 +276,7 @@ def test_the_bundle_is_the_export_plus_a_runner_and_the_same_tarball_twice(expor
 
 def test_the_bundle_refuses_an_export_that_is_not_the_cards(exported_run, tmp_path):
     run = shutil.copytree(exported_run, tmp_path / "run")
-    shutil.copy(Path(__file__).resolve().parents[1] / "requirements-runtime.lock", run)
+    shutil.copy(REPO_ROOT / "requirements-runtime.lock", run)
     (run / EXPORT_DIR / build.INT8_FILE).write_bytes(b"not the model")
     result = pcam_bundle(run, tmp_path / "bundle")
     assert result.returncode == 1

@@ -1,6 +1,6 @@
 """The GPU loop benchmark's parts that need no GPU: its data (validated and preprocessed as the
-stages do, scaled down), its table and its --configs (the timed loops are in tests/test_gpu.py's
-reach: `scripts/gpu-check.sh` runs both on a GPU node)."""
+stages do, scaled down), its table and its --configs (the timed loops are in
+tests/train/test_gpu.py's reach: `scripts/gpu-check.sh` runs both on a GPU node)."""
 
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ import pytest
 
 from tests.serving import (
     TOKEN,
+    bad_cases,
     encode,
     infer_binary,
-    infer_json,
     multipart,
     probabilities,
     request,
@@ -108,188 +108,6 @@ def test_uploaded_patch_files_get_probability_and_decision(server, test_patches,
     assert result["model"]["md5"] and result["model"]["test_auroc"] > 0
 
 
-def _bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height: refused before a pixel is decoded."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    pixels = zlib.compress(b"\0" * (1 << 20))
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
-
-
-def _bad_cases(patch: np.ndarray) -> dict[str, tuple[str, str, bytes, dict, int, str]]:
-    """name -> (method, route, body, headers, status, what the error must say)."""
-    good_png = encode(patch)
-    one = patch[None]
-
-    def upload(name: str, data: bytes) -> tuple[bytes, dict]:
-        return multipart([(name, data)])
-
-    infer = "/v2/models/pcam/infer"
-    binary_body, binary_headers = infer_binary(one)
-    nan_request = infer_json(one).replace(
-        b"[" + str(int(patch.reshape(-1)[0])).encode() + b",", b"[NaN,", 1
-    )
-    cases = {
-        "not an image": (
-            "POST",
-            "/score",
-            *upload("notes.png", b"hello, not a picture"),
-            400,
-            "notes.png: not a readable image",
-        ),
-        "truncated png": (
-            "POST",
-            "/score",
-            *upload("cut.png", good_png[: len(good_png) // 2]),
-            400,
-            "cut.png: not a readable image",
-        ),
-        "wrong size": (
-            "POST",
-            "/score",
-            *upload("small.png", encode(patch[:32, :32])),
-            400,
-            "small.png: 32x32 pixels, expected 96x96",
-        ),
-        "channel count": (
-            "POST",
-            "/score",
-            *upload("grey.png", encode(patch[..., 0])),
-            400,
-            "grey.png: mode L, expected an 8-bit RGB(A) patch",
-        ),
-        "bit depth": (
-            "POST",
-            "/score",
-            *upload("deep.png", _sixteen_bit_png()),
-            400,
-            "deep.png: mode 16-bit RGB",
-        ),
-        "decompression bomb": (
-            "POST",
-            "/score",
-            *upload("bomb.png", _bomb_png(30000, 30000)),
-            400,
-            "bomb.png:",
-        ),
-        "no files": ("POST", "/score", *multipart([]), 400, "files: none in the form"),
-        "not multipart": (
-            "POST",
-            "/score",
-            good_png,
-            {"Content-Type": "image/png"},
-            400,
-            "header Content-Type",
-        ),
-        "tensor shape": (
-            "POST",
-            infer,
-            infer_json(patch[None, :48]),
-            {},
-            400,
-            "inputs[0].shape: [1, 48, 96, 3] is not [N, 96, 96, 3]",
-        ),
-        "datatype": (
-            "POST",
-            infer,
-            infer_json(one, datatype="FP32"),
-            {},
-            400,
-            "inputs[0].datatype: 'FP32'",
-        ),
-        "element count": (
-            "POST",
-            infer,
-            infer_json(one, shape=[2, 96, 96, 3]),
-            {},
-            400,
-            "inputs[0].data: 27648 values for shape of 55296",
-        ),
-        "binary size": ("POST", infer, binary_body[:-5], binary_headers, 400, "binary_data_size"),
-        "nan": ("POST", infer, nan_request, {}, 400, "inputs[0].data[0]: NaN"),
-        "out of range": (
-            "POST",
-            infer,
-            infer_json(one.astype(np.int32) + 300, datatype="UINT8"),
-            {},
-            400,
-            "is not a UINT8 pixel value",
-        ),
-        "input name": (
-            "POST",
-            infer,
-            infer_json(one, name="x"),
-            {},
-            400,
-            "inputs[0].name: 'x'; this model's input is 'patches'",
-        ),
-        "empty body": ("POST", infer, b"", {}, 400, "body: empty"),
-        "not json": ("POST", infer, b"{not json", {}, 400, "body: not JSON"),
-        "too many patches": (
-            "POST",
-            infer,
-            *infer_binary(np.repeat(one, 65, axis=0)),
-            413,
-            "65 patches; send 1 to 64",
-        ),
-        "oversized body": ("POST", infer, b"0" * (9 << 20), {}, 413, "over this server's limit"),
-        "unknown model": (
-            "POST",
-            "/v2/models/resnet/infer",
-            infer_json(one),
-            {},
-            404,
-            "model 'resnet': not served here",
-        ),
-        "unknown version": (
-            "GET",
-            "/v2/models/pcam/versions/9/ready",
-            None,
-            {},
-            404,
-            "model version '9'",
-        ),
-        "unknown route": ("GET", "/v2/nothing", None, {}, 404, "/v2/nothing: no such route"),
-        "wrong method": (
-            "GET",
-            infer,
-            None,
-            {},
-            405,
-            "GET /v2/models/pcam/infer: method not allowed",
-        ),
-    }
-    return cases
-
-
-def _sixteen_bit_png() -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", 96, 96, 16, 2, 0, 0, 0)
-    rows = b"".join(b"\0" + bytes(96 * 6) for _ in range(96))
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
-
-
 class GoodTraffic:
     """Good requests in a loop on another thread, each answer checked, while a test runs."""
 
@@ -327,7 +145,7 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_while_good_requests_flow(
     server, test_patches, predicted
 ):
     with GoodTraffic(server, test_patches[:-1], predicted[:-1]) as good:
-        for name, (method, route, body, headers, status, says) in _bad_cases(
+        for name, (method, route, body, headers, status, says) in bad_cases(
             test_patches[0]
         ).items():
             got, got_headers, answer = request(f"{server}{route}", method, body, headers)
@@ -340,7 +158,7 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_while_good_requests_flow(
 
 
 def test_200_requests_from_16_threads_a_fifth_malformed(server, test_patches, predicted):
-    bad = list(_bad_cases(test_patches[0]).values())
+    bad = list(bad_cases(test_patches[0]).values())
 
     def send(i: int) -> tuple[bool, int, bytes]:
         if i % 5 == 0:

@@ -1,6 +1,6 @@
 """pcam_pipeline.train.relay on real processes: which ones are training, which one gets the stop
 signal, and the exit status it passes on
-(the whole chain under slurm/lib.sh is in test_slurm_scripts)."""
+(the whole chain under slurm/lib.sh is in tests/slurm/test_scripts.py)."""
 
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 (run.main, cli.main), with the small exported model of the fast set (tests/conftest.py's
 `exported_run`, trained on the synthetic generator's patches).
 
-Three generated slides (tests/slides.py) and the CC0 Aperio slide: summaries, heatmaps, GeoJSON,
-the cohort table; the tissue mask matches the generated tissue (IoU). This small model does not
-tell the generator's positive texture from its negative one on a slide (p about 0.59 on both):
-tests/integration/test_slides.py checks the hot region with the pipeline's trained model.
+Three generated slides (tests/slide_files.py) and the CC0 Aperio slide: summaries, heatmaps,
+GeoJSON, the cohort table; the tissue mask matches the generated tissue (IoU). This small model
+does not tell the generator's positive texture from its negative one on a slide (p about 0.59 on
+both): tests/integration/test_slides.py checks the hot region with the pipeline's trained model.
 A rerun skips the finished slides; an unreadable slide, a slide of no tissue and one without a
 spacing are named in the error and the table, and the others are scored. `pcam drift` on a
 scored slide's patches/ID.h5 reads the pixels WSInfer fed the model, finds drift on the CC0 slide
@@ -29,9 +29,10 @@ from pcam_pipeline import cli
 from pcam_pipeline.errors import PipelineError, Preempted
 from pcam_pipeline.slides import run
 from pcam_pipeline.slides.summary import Tissue, heatmap, summarise
-from tests.slides import tissue_mask, tumour_slide_pixels, write_test_slide
+from tests.conftest import REPO_ROOT
+from tests.slide_files import tissue_mask, tumour_slide_pixels, write_test_slide
 
-CMU_SLIDE = Path(__file__).resolve().parent / "data" / "cmu_small_region.svs"
+CMU_SLIDE = REPO_ROOT / "tests" / "fixtures" / "cmu_small_region.svs"
 SIZE = (2048, 1536)  # width, height: blobs big enough for WSInfer's 200 um minimum object
 MIN_IOU = 0.9
 
@@ -43,7 +44,7 @@ def model_dir(exported_run: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tumour.tif (right blob positive), plain.tif (tests/slides.py's own texture), small.tif
+    """tumour.tif (right blob positive), plain.tif (tests/slide_files.py's own texture), small.tif
     (another seed, other blobs) and the CC0 Aperio slide."""
     folder = tmp_path_factory.mktemp("slides")
     write_test_slide(folder / "tumour.tif", *SIZE, pixels=tumour_slide_pixels(*SIZE, seed=0))
@@ -245,9 +246,9 @@ def test_a_stop_signal_ends_the_run_after_the_slide_in_hand(
 
 @pytest.fixture(scope="module")
 def synthetic_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """test_drift.py's image reference of the synthetic generator's train patches, saved."""
+    """The drift tests' image reference of the synthetic generator's train patches, saved."""
     from pcam_pipeline.data.synthetic import generate_split
-    from tests.test_drift import REFERENCE_PATCHES, image_reference
+    from tests.drift_references import REFERENCE_PATCHES, image_reference
 
     folder = tmp_path_factory.mktemp("drift-reference")
     image_reference(generate_split(0, "train", REFERENCE_PATCHES, 0.5)[0]).save(folder)

@@ -1,4 +1,4 @@
-"""The server's drift window in-process (as tests/test_serve_app.py runs the app): requests
+"""The server's drift window in-process (as tests/serve/test_app.py runs the app): requests
 from the training distribution leave pcam_drift_detected at 0, brightened ones set it to 1;
 the reference is found beside the export and refused when it belongs to another model."""
 
@@ -20,8 +20,7 @@ from pcam_pipeline.serve.batching import Batcher
 from pcam_pipeline.serve.metrics import ServeMetrics
 from pcam_pipeline.serve.model import ServedModel, load_model
 from pcam_pipeline.serve.server import ServeOptions, drift_window, reference_dir
-from tests.serving import infer_binary
-from tests.test_serve_app import call
+from tests.serving import call, infer_binary
 from tests.tiny_pipeline import small_run_params
 
 WINDOW = {"drift_window": 96, "drift_patches_per_s": 1e6, "drift_min_patches": 48}
