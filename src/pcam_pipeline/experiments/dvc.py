@@ -70,5 +70,6 @@ def experiment_names(repo: Path) -> set[str]:
     return set(command(["dvc", "exp", "list", "--name-only"], repo).split())
 
 
-def exp_run(repo: Path, name: str, params: Mapping[str, Any]) -> None:
-    command(["dvc", "exp", "run", "-n", name, *set_args(params)], repo)
+def exp_run(repo: Path, name: str, params: Mapping[str, Any], targets: Sequence[str] = ()) -> None:
+    """`dvc exp run -n NAME -S ...` of the whole pipeline, or of `targets` and what they need."""
+    command(["dvc", "exp", "run", "-n", name, *set_args(params), *targets], repo)

@@ -48,6 +48,10 @@ from pcam_pipeline.repro import atomic_path
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0  # a RUNNING trial without a heartbeat this long has lost its worker
 MAX_RETRY = 3
+# A trial runs the pipeline up to evaluate, whose metrics are the objective: exporting and
+# benchmarking every trial's model is work no trial is judged by (`dvc repro` after
+# `pcam search apply-best` runs them for the one kept).
+TRIAL_TARGETS = ("evaluate",)
 SCALARS = (str, int, float, bool)
 
 
@@ -156,7 +160,7 @@ def run_trial(
             continue
         print(f"trial {number}: {name}: {values}", flush=True)
         dvc.command(["git", "checkout", "--", "params.yaml"], clone)
-        dvc.exp_run(clone, name, {**fixed, **values, SEED_PARAM: seed})
+        dvc.exp_run(clone, name, {**fixed, **values, SEED_PARAM: seed}, TRIAL_TARGETS)
         job_clone.push(clone, name)
     records = {r.name: r for r in read_experiments(clone)}
     missing = [n for n in names if n not in records]
